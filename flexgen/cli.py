@@ -1,0 +1,218 @@
+"""The command line shared by flex_opt and flex_llama (FlexGen's flags, plus --device and text
+prompts), and FlexGen's benchmark block."""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+
+import numpy as np
+import torch
+
+from .env import ExecutionEnv
+from .policy import CompressionConfig, Policy, PolicyError
+
+GB = 1 << 30
+DEFAULT_PROMPT = "Paris is the capital city of"
+
+
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+
+
+def positive_int(v):
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
+    return n
+
+
+def add_arguments(parser: argparse.ArgumentParser, default_model: str, default_path: str):
+    parser.add_argument("--model", type=str, default=default_model,
+                        help="model name, local Hugging Face checkpoint directory, or .gguf file")
+    parser.add_argument("--path", type=str, default=default_path,
+                        help="weight cache root (numpy layout); a path containing _DUMMY_ uses dummy weights")
+    parser.add_argument("--offload-dir", type=str, default="~/flexgen_offload_dir",
+                        help="directory for tensors offloaded to disk")
+    parser.add_argument("--prompt-len", type=positive_int, default=512)
+    parser.add_argument("--gen-len", type=positive_int, default=32)
+    parser.add_argument("--cut-gen-len", type=positive_int, help="cut generation length for fast debugging")
+    parser.add_argument("--debug-mode", type=str, choices=["fewer_batch", "breakdown"])
+    parser.add_argument("--gpu-batch-size", type=positive_int, default=4)
+    parser.add_argument("--num-gpu-batches", type=positive_int, default=1)
+    parser.add_argument("--percent", nargs="+", type=float, default=[100, 0, 100, 0, 100, 0],
+                        help="six numbers: weight gpu/cpu %%, cache gpu/cpu %%, activation gpu/cpu %% "
+                             "(the rest of each goes to disk)")
+    parser.add_argument("--sep-layer", type=str2bool, nargs="?", const=True, default=True)
+    parser.add_argument("--pin-weight", type=str2bool, nargs="?", const=True, default=True)
+    parser.add_argument("--cpu-cache-compute", action="store_true")
+    parser.add_argument("--attn-sparsity", type=float, default=1.0)
+    parser.add_argument("--compress-weight", action="store_true", help="4-bit group-wise weight compression")
+    parser.add_argument("--compress-cache", action="store_true", help="4-bit group-wise cache compression")
+    parser.add_argument("--log-file", type=str, default="auto")
+    parser.add_argument("--no-log", action="store_true")
+    parser.add_argument("--verbose", type=int, default=2)
+    parser.add_argument("--overlap", type=str2bool, nargs="?", const=True, default=True)
+    parser.add_argument("--device", type=str, default="auto", help="compute device: auto, cuda[:N] or cpu")
+    parser.add_argument("--prompt", action="append", help="prompt text (repeatable); default: FlexGen's prompt")
+    parser.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+
+
+def policy_from_args(args) -> Policy:
+    if len(args.percent) != 6:
+        raise PolicyError(f"--percent takes six numbers (weight gpu cpu, cache gpu cpu, act gpu cpu), "
+                          f"got {len(args.percent)}")
+    return Policy(args.gpu_batch_size, args.num_gpu_batches, *args.percent,
+                  overlap=args.overlap, sep_layer=args.sep_layer, pin_weight=args.pin_weight,
+                  cpu_cache_compute=args.cpu_cache_compute, attn_sparsity=args.attn_sparsity,
+                  compress_weight=args.compress_weight,
+                  comp_weight_config=CompressionConfig(num_bits=4, group_size=64, group_dim=0, symmetric=False),
+                  compress_cache=args.compress_cache,
+                  comp_cache_config=CompressionConfig(num_bits=4, group_size=64, group_dim=2, symmetric=False))
+
+
+def get_filename(args, prefix: str) -> str:
+    size = args.model.rstrip("/").split("-")[-1]
+    percent = "".join(f"{p:g}-" for p in args.percent)
+    name = (f"{prefix}-{size}-gbs{args.gpu_batch_size}-ngbs{args.num_gpu_batches}-prompt{args.prompt_len}-"
+            f"gen{args.gen_len}-percent-{percent}")
+    name += "cpu-cache" if args.cpu_cache_compute else "gpu-cache"
+    if args.compress_weight:
+        name += "-compw"
+    if args.compress_cache:
+        name += "-compc"
+    return os.path.basename(name)
+
+
+def benchmark_log(model_size, cache_size, hidden_size, gpu_peak_mem, projected, prefill_latency,
+                  prefill_throughput, decode_latency, decode_throughput, total_latency, total_throughput):
+    """FlexGen's benchmark block, byte for byte, so existing log parsers keep working."""
+    return (f"model size: {model_size / GB:.3f} GB\t"
+            f"cache size: {cache_size / GB:.3f} GB\t"
+            f"hidden size (p): {hidden_size / GB:.3f} GB\n"
+            f"peak gpu mem: {gpu_peak_mem / GB:.3f} GB\t"
+            f"projected: {projected}\n"
+            f"prefill latency: {prefill_latency:.3f} s\t"
+            f"prefill throughput: {prefill_throughput:.3f} token/s\n"
+            f"decode latency: {decode_latency:.3f} s\t"
+            f"decode throughput: {decode_throughput:.3f} token/s\n"
+            f"total latency: {total_latency:.3f} s\t"
+            f"total throughput: {total_throughput:.3f} token/s")
+
+
+def make_inputs(model, args, num_prompts):
+    """Token rows of length prompt_len: the tokenized prompt(s), left-padded; without a tokenizer
+    (dummy weights) a fixed synthetic prompt."""
+    pad = model.info.pad_token_id
+    tok = model.tokenizer
+    if tok is None:
+        rng = np.random.default_rng(0)
+        row = rng.integers(low=min(100, model.info.vocab_size - 1), high=model.info.vocab_size, size=args.prompt_len)
+        row[row == pad] = (pad + 1) % model.info.vocab_size
+        return np.repeat(row[None], num_prompts, axis=0), None
+    texts = args.prompt or [DEFAULT_PROMPT]
+    rows = []
+    for i in range(num_prompts):
+        text = texts[i % len(texts)]
+        if args.chat:
+            enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=True)
+            if isinstance(enc, dict) or hasattr(enc, "keys"):
+                enc = enc["input_ids"]
+        else:
+            enc = tok.encode(text)
+        enc = list(enc)[-args.prompt_len:]
+        rows.append([pad] * (args.prompt_len - len(enc)) + enc)
+    return np.array(rows, dtype=np.int64), tok
+
+
+def run(args, lm_class, log_prefix: str):
+    env = ExecutionEnv.create(args.offload_dir, device=args.device)
+    policy = policy_from_args(args)
+    num_prompts = policy.block_size
+    gen_len, cut_gen_len = args.gen_len, args.cut_gen_len
+
+    print(f"<{lm_class.__name__}> device: {env.device}, dtype: {str(env.compute_dtype).split('.')[-1]}, "
+          f"torch threads: {torch.get_num_threads()}")
+    model = lm_class(args.model, env, args.path, policy, progress=args.verbose >= 1)
+    try:
+        inputs, tok = make_inputs(model, args, num_prompts)
+        fam = model.family
+        cache_size = fam.cache_bytes(num_prompts, args.prompt_len + gen_len)
+        hidden_size = fam.hidden_bytes(num_prompts, args.prompt_len + gen_len)
+        print(f"model size: {fam.model_bytes() / GB:.3f} GB, cache size: {cache_size / GB:.3f} GB, "
+              f"hidden size (prefill): {hidden_size / GB:.3f} GB")
+
+        print("warmup - generate")
+        model.generate(inputs[:, -min(32, args.prompt_len):], max_new_tokens=1, verbose=args.verbose)
+        if env.is_cuda:
+            torch.cuda.reset_peak_memory_stats(env.device)
+        print("benchmark - generate")
+        output_ids = model.generate(inputs, max_new_tokens=gen_len, debug_mode=args.debug_mode,
+                                    cut_gen_len=cut_gen_len, verbose=args.verbose)
+        t = model.timings
+        prefill_latency = sum(t["prefill"])
+        prefill_throughput = num_prompts * args.prompt_len / prefill_latency
+        steps = t["decode"]
+        projected = bool(cut_gen_len and cut_gen_len < gen_len)
+        if projected and steps:
+            decode_latency = sum(steps) / len(steps) * (gen_len - 1)
+        else:
+            decode_latency = sum(steps)
+        decode_throughput = num_prompts * (gen_len - 1) / max(decode_latency, 1e-10)
+        total_latency = prefill_latency + decode_latency
+        total_throughput = num_prompts * gen_len / total_latency
+        gpu_peak_mem = torch.cuda.max_memory_allocated(env.device) if env.is_cuda else 0
+
+        if tok is not None and args.verbose >= 2:
+            outputs = tok.batch_decode(output_ids[:, args.prompt_len:], skip_special_tokens=True)
+            prompts = tok.batch_decode(output_ids[:, :args.prompt_len], skip_special_tokens=True)
+            show = "Outputs:\n" + 70 * "-" + "\n"
+            for i in sorted({0, len(outputs) - 1}):
+                show += f"{i}: {prompts[i]}{outputs[i]}\n" + "-" * 70 + "\n"
+            print(show)
+        elif args.verbose >= 2:
+            print(f"(no tokenizer: generated ids of sequence 0) {output_ids[0, args.prompt_len:].tolist()}")
+
+        log_str = benchmark_log(fam.model_bytes(), cache_size, hidden_size, gpu_peak_mem, projected,
+                                prefill_latency, prefill_throughput, decode_latency, decode_throughput,
+                                total_latency, total_throughput)
+        if not args.no_log:
+            filename = get_filename(args, log_prefix) + ".log" if args.log_file == "auto" else args.log_file
+            with open(filename, "a") as f:
+                f.write(log_str + "\n")
+        if args.verbose >= 1:
+            print(f"peak host mem (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f} GB")
+            print(log_str)
+    finally:
+        model.close()
+        env.close_copy_threads()
+
+
+def main(lm_class, default_model, default_path, log_prefix, argv=None):
+    from .engine.generate import GenerationError
+    from .memory.disk import DiskFullError
+    from .models.registry import ModelNotFound
+    from .weights import WeightsError
+
+    parser = argparse.ArgumentParser(prog=f"python3 -m {lm_class.__module__}")
+    add_arguments(parser, default_model, default_path)
+    args = parser.parse_args(argv)
+    try:
+        run(args, lm_class, log_prefix)
+    except (PolicyError, ModelNotFound, WeightsError, GenerationError, DiskFullError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

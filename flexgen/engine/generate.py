@@ -1,0 +1,161 @@
+"""generate(): prompts in, token ids out, for any model family on any placement."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import weights as weight_io
+from ..models.registry import resolve_model
+from .sampling import Sampler, SamplingParams
+from .schedule import BlockRunner
+from .weight_store import WeightStore
+
+DUMMY_MARK = "_DUMMY_"
+
+
+class GenerationError(ValueError):
+    """Bad generation arguments, with a message meant for the user."""
+
+
+class LM:
+    """A model placed by a policy, ready to generate (OptLM and LlamaLM are this, per family)."""
+    family_name: str | None = None
+
+    def __init__(self, model, env, path, policy, progress: bool = True):
+        resolved = resolve_model(model, self.family_name)
+        self.family = resolved.family
+        self.config = self.family.config
+        self.info = self.family.info()
+        self.env, self.policy, self.path = env, policy, path
+        self.name = resolved.name
+        self._resolved = resolved
+        self._tokenizer = False
+        self.layers = self.family.layers()
+        self.dtype = env.compute_dtype
+        read_tensor = None
+        if path is None or DUMMY_MARK not in str(path):
+            cache_dir = self._prepare_weight_cache(path)
+            read_tensor = lambda file, shape: weight_io.load_cached(cache_dir, file, shape)  # noqa: E731
+        self.weights = WeightStore(env, self.layers, policy.percents("weight"), policy.pin_weight,
+                                   self.dtype, read_tensor, progress=progress)
+        self.runner = BlockRunner(self.layers, env, policy, self.weights, self.dtype)
+
+    # ---- weights and tokenizer ----------------------------------------------------------------
+    def _prepare_weight_cache(self, path) -> str:
+        root = os.path.expanduser(path or os.path.join("~", "flexgen_weights"))
+        cache_dir = os.path.join(root, f"{self.name}-np")
+        files = {w.file for layer in self.layers for w in layer.weights}
+        if weight_io.cache_is_complete(cache_dir) or (
+                os.path.isdir(cache_dir) and all(os.path.exists(os.path.join(cache_dir, f)) for f in files)):
+            return cache_dir
+        source = self._source()
+        if source is None:
+            raise weight_io.WeightsError(
+                f"no weights for {self.name}: {cache_dir} does not exist and there is no checkpoint to "
+                f"convert (pass a checkpoint directory as the model, or --path {DUMMY_MARK} for dummy weights)")
+        weight_io.convert_checkpoint(source, cache_dir)
+        return cache_dir
+
+    def _source(self):
+        r = self._resolved
+        if r.source is None and r.hub_name is not None:
+            r.source = weight_io.resolve_hub_checkpoint(r.hub_name)
+        return r.source
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer, or None when there is none available offline."""
+        if self._tokenizer is False:
+            self._tokenizer = None
+            try:
+                source = self._resolved.source
+                if source is None and self._resolved.hub_name is not None:
+                    source = _cached_hub_snapshot(self._resolved.hub_name)
+                if source is not None:
+                    self._tokenizer = weight_io.load_tokenizer(source)
+            except Exception:  # a model without a usable tokenizer still generates ids
+                self._tokenizer = None
+        return self._tokenizer
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(self, inputs, do_sample: bool = False, temperature: float = 1.0, max_new_tokens: int = 32,
+                 stop=None, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 debug_mode=None, cut_gen_len=None, verbose: int = 0, on_step=None) -> np.ndarray:
+        """Generate for equally long, left-padded prompts (rows of token ids).
+
+        Returns (num_prompts, prompt_len + max_new_tokens) ids: the prompts, then the generated
+        tokens; after a sequence emits a stop token the rest is padding."""
+        ids = self._check_inputs(inputs, max_new_tokens)
+        try:
+            params = SamplingParams(do_sample, temperature, top_k, top_p, seed)
+        except ValueError as e:
+            raise GenerationError(str(e)) from e
+        if cut_gen_len:
+            max_new_tokens = min(max_new_tokens, cut_gen_len)
+        stop_ids = self._stop_ids(stop)
+        sampler = Sampler(params, self.env.device)
+        self.runner.timings = {"prefill": [], "decode": []}
+        block = self.policy.block_size
+        outs = []
+        for b in range(0, len(ids), block):
+            part = ids[b:b + block]
+            n = len(part)
+            if n < block:  # a short last block: fill it with copies of its first prompt
+                part = np.concatenate([part, np.repeat(part[:1], block - n, axis=0)])
+            out = self.runner.run(part, max_new_tokens, sampler, stop_ids, self.info.pad_token_id, on_step)
+            outs.append(out[:n])
+        return np.concatenate(outs)
+
+    @property
+    def timings(self):
+        return self.runner.timings
+
+    def _check_inputs(self, inputs, max_new_tokens) -> np.ndarray:
+        try:
+            ids = np.asarray(inputs, dtype=np.int64)
+        except (ValueError, TypeError) as e:
+            raise GenerationError("input_ids must be equally long rows of token ids (left-pad them)") from e
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise GenerationError(f"input_ids must be a non-empty 2-D array, got shape {ids.shape}")
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+        if ids.min() < 0 or ids.max() >= self.info.vocab_size:
+            raise GenerationError(f"token ids must be in [0, {self.info.vocab_size})")
+        total = ids.shape[1] + max_new_tokens
+        if total > self.info.max_seq_len:
+            raise GenerationError(f"prompt length {ids.shape[1]} + {max_new_tokens} new tokens = {total} exceeds "
+                                  f"the model's context of {self.info.max_seq_len} positions")
+        return ids
+
+    def _stop_ids(self, stop) -> set[int] | None:
+        if stop is None:
+            return None
+        items = stop if isinstance(stop, (list, tuple, set)) else [stop]
+        out = set()
+        for s in items:
+            if isinstance(s, str):
+                tok = self.tokenizer
+                if tok is None:
+                    raise GenerationError(f"stop string {s!r} needs a tokenizer, and this model has none")
+                enc = tok.encode(s, add_special_tokens=False)
+                if len(enc) != 1:
+                    raise GenerationError(f"stop string {s!r} is {len(enc)} tokens; give a single-token string "
+                                          "or token ids")
+                out.add(enc[0])
+            else:
+                out.add(int(s))
+        return out
+
+    def close(self):
+        self.weights.close()
+
+
+def _cached_hub_snapshot(name):
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        return None

@@ -1,0 +1,215 @@
+"""The zig-zag block schedule: for each generated token, for each layer, for each GPU batch.
+
+A layer's weights reach the compute device once per (token, layer) and serve all GPU batches of
+the block. With overlap, the next layer's weights, the next batch's cache and activations load
+while the current batch computes, and the cache rows and activations it produced are stored
+behind it.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..models.base import StepContext
+from ..memory.placement import TieredBuffer
+from .attention import attend as attention_core
+from .io import IO
+from .kv_cache import LayerCache
+
+
+class ActivationStore:
+    """Hidden states between layers, one slot per GPU batch, on the policy's activation tier."""
+
+    def __init__(self, env, percents, dtype):
+        self.env = env
+        self.percents = percents
+        self.dtype = dtype
+        # Where the activation tier is the compute device itself, keep plain references.
+        self.direct = percents[0] == 100 or (not env.is_cuda and percents[2] == 0)
+        self.slots = {}
+        self.buffers = {}
+
+    def put(self, k, h):
+        if self.direct:
+            self.slots[k] = h
+            return
+        key = (k, tuple(h.shape))
+        if key not in self.buffers:
+            self.buffers[key] = TieredBuffer(self.env, h.shape, self.dtype, self.percents, split_dim=0,
+                                             name=f"act{k}")
+        self.buffers[key].store(h)
+        self.slots[k] = key
+
+    def get(self, k):
+        slot = self.slots[k]
+        return slot if self.direct else self.buffers[slot].load_joined()
+
+    def close(self):
+        for b in self.buffers.values():
+            b.close()
+        self.buffers, self.slots = {}, {}
+
+
+class BlockRunner:
+    def __init__(self, layers, env, policy, weights, dtype):
+        self.layers = layers
+        self.env = env
+        self.policy = policy
+        self.weights = weights
+        self.dtype = dtype
+        self.io = IO(env, policy.overlap)
+        # Stages are what the schedule walks; without sep_layer an attention layer and the MLP
+        # after it form one stage (their weights move together).
+        self.stages = []
+        for idx, layer in enumerate(layers):
+            if (not policy.sep_layer and layer.kind == "mlp" and self.stages
+                    and layers[self.stages[-1][-1]].kind == "attention"):
+                self.stages[-1].append(idx)
+            else:
+                self.stages.append([idx])
+        self.timings = {"prefill": [], "decode": []}
+
+    # ---- one block of gpu_batch_size x num_gpu_batches sequences -----------------------------
+    def run(self, ids: np.ndarray, max_new_tokens: int, sampler, stop_ids, pad_id: int, on_step=None):
+        env, p = self.env, self.policy
+        dev = env.device
+        B, s0 = ids.shape
+        T = max_new_tokens
+        gbs, ngb = p.gpu_batch_size, p.num_gpu_batches
+        assert B == gbs * ngb
+        out = torch.full((B, s0 + T), pad_id, dtype=torch.long, device=dev)
+        out[:, :s0] = torch.as_tensor(ids, device=dev)
+        mask = torch.ones((B, s0 + T), dtype=torch.bool, device=dev)
+        mask[:, :s0] = out[:, :s0] != pad_id
+        stopped = torch.zeros(B, dtype=torch.bool, device=dev)
+        stop_t = torch.as_tensor(sorted(stop_ids), device=dev) if stop_ids else None
+
+        caches = {}
+        for li, layer in enumerate(self.layers):
+            if layer.kind == "attention":
+                for k in range(ngb):
+                    caches[(li, k)] = LayerCache(env, s0 + T, gbs, layer.kv_heads, layer.head_dim, self.dtype,
+                                                 p.percents("cache"), f"cache{li}.{k}", p.cpu_cache_compute)
+        acts = ActivationStore(env, p.percents("act"), self.dtype)
+        pending_cache = {}
+        try:
+            for i in range(T):
+                t0 = time.perf_counter()
+                start = 0 if i == 0 else s0 + i - 1
+                cur = s0 if i == 0 else s0 + i
+                valid = mask[:, :cur]
+                positions = (valid.long().cumsum(-1) * valid - 1)[:, start:cur]
+                step = _Step(i, start, cur, out, valid, positions, gbs)
+                self._run_step(step, caches, acts, pending_cache, sampler, stopped, stop_t, pad_id, s0)
+                env.synchronize()
+                self.timings["prefill" if i == 0 else "decode"].append(time.perf_counter() - t0)
+                if on_step is not None:
+                    on_step(i)
+                if stop_t is not None and bool(stopped.all()):
+                    break
+            for f in pending_cache.values():
+                f.result()
+        finally:
+            for c in caches.values():
+                c.close()
+            acts.close()
+        return out.cpu().numpy()
+
+    def _run_step(self, step, caches, acts, pending_cache, sampler, stopped, stop_t, pad_id, s0):
+        io, ngb, stages = self.io, self.policy.num_gpu_batches, self.stages
+
+        def load_cache(j, k):
+            li = next((x for x in stages[j] if self.layers[x].kind == "attention"), None)
+            if li is None or step.i == 0:
+                return None
+            cache = caches[(li, k)]
+            return io.load(lambda: cache.load(step.start), wait_for=pending_cache.get((li, k)))
+
+        def load_weights(j):
+            return io.load(lambda: [self.weights.load(x) for x in stages[j]])
+
+        w_next = load_weights(0)
+        cache_next = {(0, 0): load_cache(0, 0)}
+        for j, stage in enumerate(stages):
+            w_fut = w_next
+            if j + 1 < len(stages):
+                w_next = load_weights(j + 1)
+            wdicts = None
+            for k in range(ngb):
+                nxt = (j, k + 1) if k + 1 < ngb else (j + 1, 0)
+                if nxt[0] < len(stages):
+                    cache_next[nxt] = load_cache(*nxt)
+                if wdicts is None:
+                    wdicts = io.result(w_fut)
+                cfut = cache_next.pop((j, k))
+                loaded = io.result(cfut) if cfut is not None else None
+                h = acts.get(k) if j > 0 else None
+                h = self._compute(stage, wdicts, h, k, step, caches, loaded, pending_cache)
+                if self.layers[stage[-1]].kind == "head":
+                    self._emit(h, k, step, sampler, stopped, stop_t, pad_id, s0)
+                else:
+                    acts.put(k, h)
+
+    def _compute(self, stage, wdicts, h, k, step, caches, loaded, pending_cache):
+        b0, b1 = k * step.gbs, (k + 1) * step.gbs
+        ctx = StepContext(input_ids=step.out[b0:b1, step.start:step.cur], positions=step.positions[b0:b1])
+        for li, w in zip(stage, wdicts):
+            layer = self.layers[li]
+            if layer.kind == "attention":
+                ctx.attend = self._attender(caches[(li, k)], loaded, step, b0, b1, li, k, pending_cache)
+            elif layer.kind == "head":
+                h = h[:, -1:]
+            h = layer.forward(w, h, ctx)
+        return h
+
+    def _attender(self, cache, loaded, step, b0, b1, li, k, pending_cache):
+        valid = step.valid[b0:b1]
+        sparsity = self.policy.attn_sparsity
+
+        def attend(q, k_new, v_new, scale):
+            k_rows = k_new.transpose(0, 1).contiguous()   # (s, b, kv_heads, d): the cache layout
+            v_rows = v_new.transpose(0, 1).contiguous()
+            cache.write_resident(k_rows, v_rows, step.start)
+            if cache.needs_store:
+                pending_cache[(li, k)] = self.io.store(lambda: cache.store_rest(k_rows, v_rows, step.start))
+            if step.i == 0:
+                return attention_core(q, k_new, v_new, valid, scale, sparsity)
+            rep = q.shape[2] // k_new.shape[2]
+            outs = []
+            for seg, (a, b) in enumerate(cache.ranges):
+                if cache.resident[seg]:
+                    ks = cache.k.segments[seg][1][:step.cur]
+                    vs = cache.v.segments[seg][1][:step.cur]
+                else:
+                    pk, pv = loaded[seg]
+                    ks = torch.cat([pk, k_rows[:, :, a:b].to(pk.device)], dim=0)
+                    vs = torch.cat([pv, v_rows[:, :, a:b].to(pv.device)], dim=0)
+                qs = q[:, :, a * rep:b * rep]
+                dev = ks.device
+                if dev != q.device:  # CPU attention next to the cache; float32 math on the CPU
+                    o = attention_core(qs.to(dev, torch.float32), ks.permute(1, 0, 2, 3).float(),
+                                       vs.permute(1, 0, 2, 3).float(), valid.to(dev), scale, sparsity)
+                    o = o.to(q.device, q.dtype)
+                else:
+                    o = attention_core(qs, ks.permute(1, 0, 2, 3), vs.permute(1, 0, 2, 3), valid, scale, sparsity)
+                outs.append(o)
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+        return attend
+
+    def _emit(self, logits, k, step, sampler, stopped, stop_t, pad_id, s0):
+        b0, b1 = k * step.gbs, (k + 1) * step.gbs
+        ids = sampler(logits[:, -1].float())
+        if stop_t is not None:
+            done = stopped[b0:b1]
+            ids = torch.where(done, torch.full_like(ids, pad_id), ids)
+            stopped[b0:b1] = done | torch.isin(ids, stop_t)
+        step.out[b0:b1, s0 + step.i] = ids
+
+
+class _Step:
+    def __init__(self, i, start, cur, out, valid, positions, gbs):
+        self.i, self.start, self.cur = i, start, cur
+        self.out, self.valid, self.positions, self.gbs = out, valid, positions, gbs

@@ -1,0 +1,79 @@
+"""Each layer's weights, placed across tiers by the policy and brought to the compute device."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..memory.placement import TieredBuffer, assign_by_size
+
+_POOL = {}
+
+
+def _dummy_pool(dtype, device):
+    """A fixed block of random values (std 0.02) that dummy weights are tiled from: fast to make
+    for a 175B model, and not degenerate like all-ones."""
+    key = (dtype, str(device))
+    if key not in _POOL:
+        g = torch.Generator().manual_seed(0)
+        _POOL[key] = (torch.randn(1 << 20 | 7, generator=g) * 0.02).to(dtype=dtype, device=device)
+    return _POOL[key]
+
+
+def fill_dummy(dst: torch.Tensor, init: str):
+    if init == "ones":
+        dst.fill_(1)
+    elif init == "zeros":
+        dst.zero_()
+    else:
+        pool, flat = _dummy_pool(dst.dtype, dst.device), dst.view(-1)
+        for start in range(0, flat.numel(), pool.numel()):
+            n = min(pool.numel(), flat.numel() - start)
+            flat[start:start + n].copy_(pool[:n])
+
+
+class WeightStore:
+    """homes[j][key] is a TieredBuffer holding one weight tensor of layer j on one tier."""
+
+    def __init__(self, env, layers, percents, pin: bool, dtype, read_tensor=None, progress=True):
+        """read_tensor(file, shape) -> numpy array, or None for dummy weights."""
+        self.env = env
+        self.homes = []
+        for j, layer in enumerate(tqdm(layers, desc="loading weights", disable=not progress, unit="layer")):
+            tiers = assign_by_size([math.prod(w.shape) for w in layer.weights], percents)
+            home = {}
+            for spec, tier in zip(layer.weights, tiers):
+                onehot = tuple(100 if t == tier else 0 for t in ("gpu", "cpu", "disk"))
+                buf = TieredBuffer(env, spec.shape, dtype, onehot, name=spec.file, pin=pin)
+                if read_tensor is None:
+                    self._fill_dummy(buf, spec)
+                else:
+                    arr = read_tensor(spec.file, spec.shape)
+                    buf.fill_from(torch.from_numpy(np.array(arr)).to(dtype))
+                home[spec.key] = buf
+            self.homes.append(home)
+
+    @staticmethod
+    def _fill_dummy(buf: TieredBuffer, spec):
+        tier, storage = buf.segments[0][0], buf.segments[0][1]
+        if tier == "disk":
+            tmp = torch.empty(spec.shape, dtype=buf.dtype)
+            fill_dummy(tmp, spec.init)
+            buf.fill_from(tmp)
+        else:
+            fill_dummy(storage, spec.init)
+
+    def load(self, j: int) -> dict:
+        """Layer j's weights on the compute device (views for what already lives there)."""
+        return {key: buf.load_joined() for key, buf in self.homes[j].items()}
+
+    def nbytes_on(self, tier: str) -> int:
+        return sum(buf.nbytes_on(tier) for home in self.homes for buf in home.values())
+
+    def close(self):
+        for home in self.homes:
+            for buf in home.values():
+                buf.close()
+        self.homes = []

@@ -1,0 +1,147 @@
+"""Where tensors live: splitting by percentages across the compute device, CPU memory and disk.
+
+Three tiers, in FlexGen's order: "gpu" (the compute device, whatever it is), "cpu" (host memory,
+pinned when it feeds a GPU) and "disk" (files under the offload directory).
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+from .disk import DiskTensor
+
+TIERS = ("gpu", "cpu", "disk")
+
+
+def split_counts(n: int, percents) -> list[int]:
+    """Split n items into three counts proportional to percents (largest remainder rounding)."""
+    total = sum(percents)
+    exact = [n * p / total if total else 0 for p in percents]
+    counts = [math.floor(x) for x in exact]
+    order = sorted(range(3), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def assign_by_size(sizes, percents) -> list[str]:
+    """FlexGen's rule for one layer's tensors: a tensor goes to the tier in whose percentage band
+    the middle of its byte range falls, so a layer's weights are mixed across tiers by size."""
+    total = sum(sizes) or 1
+    bounds, acc = [], 0.0
+    for p in percents:
+        acc += p
+        bounds.append(acc)
+    tiers, cum = [], 0
+    for s in sizes:
+        mid = (cum + s / 2) / total * 100
+        cum += s
+        idx = next((i for i, b in enumerate(bounds) if mid < b), 2)
+        while percents[idx] == 0:  # never land on an empty tier through rounding at a band edge
+            idx = max(i for i in range(3) if percents[i] > 0) if idx > 0 else next(i for i in range(3) if percents[i] > 0)
+        tiers.append(TIERS[idx])
+    return tiers
+
+
+class Staging(threading.local):
+    """One reusable pinned host buffer per thread, for disk <-> GPU relays.
+
+    Pinning is slow and finite, so each I/O thread keeps one buffer and grows it on demand
+    instead of pinning per transfer."""
+
+    def __init__(self):
+        self.buf = None
+
+    def get(self, nbytes: int, pin: bool) -> torch.Tensor:
+        if self.buf is None or self.buf.numel() < nbytes:
+            self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        return self.buf[:nbytes]
+
+
+class TieredBuffer:
+    """A tensor split along `split_dim` into up to three contiguous segments, one per tier.
+
+    Rows (dim 0) can be loaded and stored partially when split_dim > 0 (the KV cache:
+    rows are positions, the split is over heads)."""
+
+    def __init__(self, env, shape, dtype, percents=(100, 0, 0), split_dim=0, name="t", pin=True):
+        self.env = env
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.split_dim = split_dim
+        self.segments = []  # (tier, storage, start, end) along split_dim
+        counts = split_counts(self.shape[split_dim], percents)
+        start = 0
+        for tier, count in zip(TIERS, counts):
+            if count == 0:
+                continue
+            seg_shape = list(self.shape)
+            seg_shape[split_dim] = count
+            self.segments.append((tier, env.allocate(tier, seg_shape, dtype, name=name, pin=pin),
+                                  start, start + count))
+            start += count
+
+    @property
+    def tiers(self):
+        return [s[0] for s in self.segments]
+
+    def nbytes_on(self, tier: str) -> int:
+        return sum(math.prod(_shape(st)) * _itemsize(self.dtype)
+                   for t, st, _, _ in self.segments if t == tier)
+
+    def fill_from(self, src: torch.Tensor):
+        """Initialise the whole buffer from a CPU tensor of the full shape."""
+        for tier, st, a, b in self.segments:
+            part = src.narrow(self.split_dim, a, b - a)
+            if tier == "disk":
+                st.write(part.contiguous())
+            else:
+                st.copy_(part)
+
+    def load(self, rows: int | None = None, keep_cpu: bool = False):
+        """Bring rows [0, rows) of every segment to the compute device.
+
+        Returns [(tier, tensor)] in split order; with keep_cpu the CPU segment stays in host
+        memory (for CPU attention next to the cache)."""
+        out = []
+        for tier, st, _, _ in self.segments:
+            if tier == "disk":
+                t = self.env.read_disk(st, 0, rows, to_compute=not keep_cpu)
+            else:
+                t = st if rows is None else st[:rows]
+                if tier == "cpu" and not keep_cpu:
+                    t = self.env.to_compute(t)
+            out.append((tier, t))
+        return out
+
+    def load_joined(self, rows: int | None = None) -> torch.Tensor:
+        parts = [t for _, t in self.load(rows)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.split_dim)
+
+    def store(self, src: torch.Tensor, row_start: int = 0):
+        """Write src (rows [row_start, row_start + len(src)) of the full split_dim) into place."""
+        for tier, st, a, b in self.segments:
+            part = src.narrow(self.split_dim, a, b - a) if len(self.segments) > 1 else src
+            n = part.shape[0]
+            if tier == "disk":
+                self.env.write_disk(st, part, row_start)
+            elif self.split_dim == 0 and row_start == 0 and n == st.shape[0]:
+                st.copy_(part, non_blocking=False)
+            else:
+                st[row_start:row_start + n].copy_(part, non_blocking=False)
+
+    def close(self):
+        for tier, st, _, _ in self.segments:
+            if tier == "disk":
+                st.close()
+        self.segments = []
+
+
+def _shape(st):
+    return st.shape
+
+
+def _itemsize(dtype):
+    return torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,83 @@
+"""The small interface a model family implements.
+
+A family describes its model as a sequence of layers (embedding, attention, MLP, head), each with
+the weights it needs and a pure forward function. Forward functions get their weights already on
+the compute device, in the compute dtype; attention asks the engine for the attention core through
+`ctx.attend`, so a family never sees the KV cache, streams, disks or percentages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    key: str          # name the forward function uses
+    file: str         # tensor name in the weight cache (HF name without the "model." prefix)
+    shape: tuple
+    # How dummy weights are drawn: "normal" (scaled random), "ones" (norm gains), "zeros" (biases)
+    init: str = "normal"
+
+
+@dataclass
+class LayerSpec:
+    kind: str                           # "embed", "attention", "mlp" or "head"
+    weights: list[WeightSpec]
+    forward: Callable                   # forward(w: dict, h, ctx) -> tensor
+    kv_heads: int = 0                   # attention layers: heads in the KV cache
+    head_dim: int = 0
+
+
+@dataclass
+class StepContext:
+    """What one forward step of one GPU batch knows, beyond its hidden states."""
+    input_ids: torch.Tensor             # (b, s) tokens of this step
+    positions: torch.Tensor             # (b, s) position of each token (from the attention mask)
+    attend: Callable | None = None      # attend(q, k, v, scale) -> (b, s, heads, head_dim)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelInfo:
+    """What the engine and CLI need to know about any model, whatever its family."""
+    name: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_seq_len: int
+    pad_token_id: int
+    eos_token_id: int | list[int] | None
+    bos_token_id: int | None = None
+
+
+class ModelFamily:
+    """Base for a family bound to one config."""
+    family = "base"
+
+    def __init__(self, config):
+        self.config = config
+
+    def info(self) -> ModelInfo:
+        raise NotImplementedError
+
+    def layers(self) -> list[LayerSpec]:
+        raise NotImplementedError
+
+    # Sizes for the benchmark header (FlexGen prints these).
+    def model_bytes(self, itemsize: int = 2) -> int:
+        import math
+        return sum(math.prod(w.shape) for l in self.layers() for w in l.weights) * itemsize
+
+    def cache_bytes(self, batch: int, seq_len: int, itemsize: int = 2) -> int:
+        i = self.info()
+        return 2 * batch * seq_len * i.num_layers * i.num_kv_heads * i.head_dim * itemsize
+
+    def hidden_bytes(self, batch: int, seq_len: int, itemsize: int = 2) -> int:
+        return batch * seq_len * self.info().hidden_size * itemsize

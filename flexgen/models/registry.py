@@ -1,0 +1,104 @@
+"""From what the user typed (a name, a config, a local directory, a .gguf file) to a model family,
+its config, and where its weights and tokenizer come from."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from .base import ModelFamily
+from .llama import LlamaConfig, LlamaFamily, get_llama_config
+from .opt import OptConfig, OptFamily, get_opt_config
+
+EMBEDDED_DEFAULT = "smollm2-135m"
+
+# Hugging Face architecture name -> (family name, config class, family class)
+ARCHITECTURES = {
+    "OPTForCausalLM": ("opt", OptConfig, OptFamily),
+    "LlamaForCausalLM": ("llama", LlamaConfig, LlamaFamily),
+}
+FAMILIES = {"opt": (OptConfig, OptFamily, get_opt_config), "llama": (LlamaConfig, LlamaFamily, get_llama_config)}
+
+
+class ModelNotFound(ValueError):
+    """An unknown model name or an unusable checkpoint, with a message meant for the user."""
+
+
+@dataclass
+class ResolvedModel:
+    family: ModelFamily
+    name: str                 # short name: the weight cache is <path>/<name>-np
+    source: str | None        # local HF directory or .gguf file to convert weights from
+    hub_name: str | None      # hub name to fetch a checkpoint from when no local source
+
+
+def _from_hf_dict(d: dict, name: str, source: str) -> ModelFamily:
+    archs = d.get("architectures") or []
+    model_type = d.get("model_type")
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            fam, cfg_cls, fam_cls = ARCHITECTURES[arch]
+            return fam_cls(cfg_cls.from_hf(d, name=name))
+    for fam, (cfg_cls, fam_cls, _) in FAMILIES.items():
+        if model_type == fam:
+            return fam_cls(cfg_cls.from_hf(d, name=name))
+    raise ModelNotFound(f"{source}: architecture {archs or model_type} is not supported "
+                        f"(supported: {', '.join(ARCHITECTURES)})")
+
+
+def resolve_model(model, family: str | None = None) -> ResolvedModel:
+    """family restricts the answer ("opt" for flex_opt, "llama" for flex_llama)."""
+    if isinstance(model, (OptConfig, LlamaConfig)):
+        fam_cls = OptFamily if isinstance(model, OptConfig) else LlamaFamily
+        resolved = ResolvedModel(fam_cls(model), model.name.split("/")[-1], None, None)
+    elif isinstance(model, str):
+        resolved = _resolve_str(model, family)
+    else:
+        raise ModelNotFound(f"model must be a name, a path or a config, got {type(model).__name__}")
+    if family is not None and resolved.family.family != family:
+        entry = {"opt": "flexgen.flex_opt", "llama": "flexgen.flex_llama"}[resolved.family.family]
+        raise ModelNotFound(f"{model}: this is a {resolved.family.family.upper()} model; run it with "
+                            f"python3 -m {entry}")
+    return resolved
+
+
+def _resolve_str(model: str, family: str | None) -> ResolvedModel:
+    from .. import weights
+
+    if model.lower() == EMBEDDED_DEFAULT:
+        model = weights.find_smollm2_gguf()
+    path = os.path.expanduser(model)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        d = weights.read_checkpoint_config(path)
+        name = os.path.basename(path)[: -len(".gguf")]
+        return ResolvedModel(_from_hf_dict(d, name, path), name, path, None)
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise ModelNotFound(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+        try:
+            with open(cfg_path) as f:
+                d = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ModelNotFound(f"{cfg_path} cannot be read: {e}") from e
+        name = os.path.basename(os.path.normpath(path))
+        return ResolvedModel(_from_hf_dict(d, name, path), name, path, None)
+    if model.startswith(("/", ".", "~")) or model.endswith(".gguf") or model.count("/") > 1:
+        raise ModelNotFound(f"{model}: no such file or directory")
+    for fam, (_, fam_cls, get_config) in FAMILIES.items():
+        if family is not None and fam != family:
+            continue
+        try:
+            cfg = get_config(model)
+        except KeyError:
+            continue
+        return ResolvedModel(fam_cls(cfg), model.split("/")[-1], None, model if "/" in model else None)
+    known = sorted(k for fam, (_, _, _) in FAMILIES.items() if family in (None, fam)
+                   for k in (_known_names(fam)))
+    raise ModelNotFound(f"unknown model {model!r}: give a local checkpoint directory, a .gguf file, "
+                        f"{EMBEDDED_DEFAULT!r}, or one of: {', '.join(known)}")
+
+
+def _known_names(fam):
+    from . import llama, opt
+    return (opt if fam == "opt" else llama).KNOWN_CONFIGS.keys()
