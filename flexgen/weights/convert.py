@@ -1,0 +1,172 @@
+"""Checkpoint sources (a local Hugging Face directory, a .gguf file, a hub name) and their
+conversion into the numpy weight cache, one tensor at a time so the model is never held twice."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+
+from .gguf_file import count_tensors, gguf_config, iter_gguf_tensors, open_gguf
+from .numpy_cache import CacheWriter, WeightsError
+
+# Non-parameter buffers some checkpoints carry; the engine recomputes them.
+_SKIP_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", "position_ids")
+
+
+def _is_gguf(source) -> bool:
+    return str(source).lower().endswith(".gguf")
+
+
+def _hf_weight_files(d) -> list[str]:
+    """The weight files of an HF dir: safetensors preferred over .bin; a shard index, when present,
+    names the files (repos sometimes carry extra files such as consolidated.safetensors)."""
+    for index, pattern in (("model.safetensors.index.json", "*.safetensors"),
+                           ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+        ipath = os.path.join(d, index)
+        if os.path.isfile(ipath):
+            try:
+                with open(ipath) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as e:
+                raise WeightsError(f"cannot read shard index {ipath}: {e}") from None
+            files = [os.path.join(d, s) for s in shards]
+            missing = [s for s, f in zip(shards, files) if not os.path.isfile(f)]
+            if missing:
+                raise WeightsError(f"checkpoint shard {missing[0]} listed in {index} is missing from {d}")
+            return files
+        files = sorted(glob.glob(os.path.join(d, pattern)))
+        if files:
+            return files
+    raise WeightsError(f"no weight files (*.safetensors or pytorch_model*.bin) in {d}")
+
+
+def read_checkpoint_config(source) -> dict:
+    source = str(source)
+    if _is_gguf(source):
+        if not os.path.isfile(source):
+            raise WeightsError(f"GGUF file {source} does not exist")
+        return gguf_config(source)
+    if not os.path.isdir(source):
+        raise WeightsError(f"checkpoint {source} is neither a directory nor a .gguf file")
+    path = os.path.join(source, "config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise WeightsError(f"no config.json in {source} (not a Hugging Face checkpoint directory)") from None
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot read {path}: {e}") from None
+    _hf_weight_files(source)  # fail now, not after the user waited for the model to be built
+    return cfg
+
+
+def _cache_name(key: str) -> str | None:
+    if key.endswith(_SKIP_SUFFIXES):
+        return None
+    return key[len("model."):] if key.startswith("model.") else key
+
+
+def _open_safetensors(path):
+    from safetensors import safe_open
+    f = safe_open(path, framework="pt")  # "pt" so bfloat16 checkpoints read too
+    return list(f.keys()), f.get_tensor
+
+
+def _open_bin(path):
+    import torch
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # pre-zipfile checkpoints cannot be mapped; read them plainly
+            raise
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise ValueError("not a state dict")
+    return list(sd.keys()), sd.__getitem__
+
+
+def _iter_hf_tensors(d):
+    """Yield (total, None, None) first, then (file, cache name, float16 array) per tensor."""
+    import torch
+    opened = []
+    for path in _hf_weight_files(d):
+        try:
+            opened.append((path, *(_open_safetensors if path.endswith(".safetensors") else _open_bin)(path)))
+        except Exception as e:
+            raise WeightsError(f"checkpoint file {path} is truncated or corrupt: {e}") from None
+    yield sum(_cache_name(k) is not None for _, keys, _ in opened for k in keys), None, None
+    for path, keys, get in opened:
+        for key in keys:
+            name = _cache_name(key)
+            if name is None:
+                continue
+            try:
+                t = get(key)
+                if not (torch.is_tensor(t) and t.is_floating_point()):
+                    continue
+                arr = t.to(torch.float16).numpy()
+            except Exception as e:
+                raise WeightsError(f"checkpoint file {path} is truncated or corrupt "
+                                   f"(reading {key}): {e}") from None
+            yield path, name, arr
+
+
+def convert_checkpoint(source, cache_dir, progress=True) -> None:
+    """Convert an HF checkpoint directory or a .gguf file into the numpy cache at cache_dir."""
+    from tqdm.auto import tqdm
+    source = str(source)
+    read_checkpoint_config(source)  # validates the source before anything is written
+    if _is_gguf(source):
+        reader = open_gguf(source)
+        total = count_tensors(reader)
+        tensors = ((source, n, w) for n, w in iter_gguf_tensors(source, reader))
+    else:
+        tensors = _iter_hf_tensors(source)
+        total = next(tensors)[0]
+    writer = CacheWriter(cache_dir, source)
+    seen = set()
+    try:
+        with tqdm(total=total, desc="converting weights", unit="tensor", disable=not progress) as bar:
+            for _, name, arr in tensors:
+                if name not in seen:  # tied copies in a .bin (e.g. OPT lm_head) appear twice
+                    seen.add(name)
+                    writer.write(name, np.asarray(arr))
+                bar.update(1)
+        writer.finish()
+    except BaseException:
+        # Keep the files of an interrupted run (no marker, so it is redone) except a temp file.
+        for p in writer.written:
+            if os.path.basename(p).endswith(".tmp") and os.path.exists(p):
+                os.remove(p)
+        raise
+
+
+def resolve_hub_checkpoint(name) -> str | None:
+    """Local snapshot dir for a hub model name, downloading config, tokenizer and weights if needed.
+    Returns None when `name` is not a valid hub repo id (so the caller can try other meanings)."""
+    import huggingface_hub as hub
+    try:
+        hub.utils.validate_repo_id(name)
+    except Exception:
+        return None
+    small = ["*.json", "*.txt", "*.model", "tokenizer*"]
+    # Safetensors first; .bin only for repos without them (never download both copies).
+    for local in (True, False):
+        for weights in ("*.safetensors", "pytorch_model*.bin"):
+            try:
+                d = hub.snapshot_download(name, local_files_only=local, allow_patterns=small + [weights])
+            except Exception:
+                if local:
+                    continue
+                raise WeightsError(f"cannot download {name} from the Hugging Face hub (offline?); pass a "
+                                   "local checkpoint directory with --model or an existing weight cache "
+                                   "with --path") from None
+            try:
+                if os.path.isfile(os.path.join(d, "config.json")) and _hf_weight_files(d):
+                    return d
+            except WeightsError:
+                pass
+    raise WeightsError(f"{name} on the Hugging Face hub has no config.json with safetensors or "
+                       "pytorch_model*.bin weights")
