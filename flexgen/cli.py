@@ -119,9 +119,9 @@ def make_inputs(model, args, num_prompts):
         rng = np.random.default_rng(0)
         row = rng.integers(low=min(100, model.info.vocab_size - 1), high=model.info.vocab_size, size=args.prompt_len)
         row[row == pad] = (pad + 1) % model.info.vocab_size
-        return np.repeat(row[None], num_prompts, axis=0), None
+        return np.repeat(row[None], num_prompts, axis=0), np.ones((num_prompts, args.prompt_len), bool), None
     texts = args.prompt or [DEFAULT_PROMPT]
-    rows = []
+    rows, masks = [], []
     for i in range(num_prompts):
         text = texts[i % len(texts)]
         if args.chat:
@@ -133,7 +133,8 @@ def make_inputs(model, args, num_prompts):
             enc = tok.encode(text)
         enc = list(enc)[-args.prompt_len:]
         rows.append([pad] * (args.prompt_len - len(enc)) + enc)
-    return np.array(rows, dtype=np.int64), tok
+        masks.append([False] * (args.prompt_len - len(enc)) + [True] * len(enc))
+    return np.array(rows, dtype=np.int64), np.array(masks), tok
 
 
 def run(args, lm_class, log_prefix: str):
@@ -146,7 +147,7 @@ def run(args, lm_class, log_prefix: str):
           f"torch threads: {torch.get_num_threads()}")
     model = lm_class(args.model, env, args.path, policy, progress=args.verbose >= 1)
     try:
-        inputs, tok = make_inputs(model, args, num_prompts)
+        inputs, mask, tok = make_inputs(model, args, num_prompts)
         fam = model.family
         cache_size = fam.cache_bytes(num_prompts, args.prompt_len + gen_len)
         hidden_size = fam.hidden_bytes(num_prompts, args.prompt_len + gen_len)
@@ -154,12 +155,16 @@ def run(args, lm_class, log_prefix: str):
               f"hidden size (prefill): {hidden_size / GB:.3f} GB")
 
         print("warmup - generate")
-        model.generate(inputs[:, -min(32, args.prompt_len):], max_new_tokens=1, verbose=args.verbose)
+        warm = min(32, args.prompt_len)
+        model.generate(inputs[:, -warm:], max_new_tokens=1, attention_mask=mask[:, -warm:])
         if env.is_cuda:
             torch.cuda.reset_peak_memory_stats(env.device)
         print("benchmark - generate")
+        # A chat turn ends at the end-of-turn token; benchmark runs generate all gen_len tokens.
+        stop = model.info.eos_token_id if args.chat else None
         output_ids = model.generate(inputs, max_new_tokens=gen_len, debug_mode=args.debug_mode,
-                                    cut_gen_len=cut_gen_len, verbose=args.verbose)
+                                    cut_gen_len=cut_gen_len, verbose=args.verbose, attention_mask=mask,
+                                    stop=stop)
         t = model.timings
         prefill_latency = sum(t["prefill"])
         prefill_throughput = num_prompts * args.prompt_len / prefill_latency

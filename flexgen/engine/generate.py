@@ -81,12 +81,19 @@ class LM:
     # ---- generation ---------------------------------------------------------------------------
     def generate(self, inputs, do_sample: bool = False, temperature: float = 1.0, max_new_tokens: int = 32,
                  stop=None, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 debug_mode=None, cut_gen_len=None, verbose: int = 0, on_step=None) -> np.ndarray:
+                 debug_mode=None, cut_gen_len=None, verbose: int = 0, on_step=None,
+                 attention_mask=None) -> np.ndarray:
         """Generate for equally long, left-padded prompts (rows of token ids).
 
         Returns (num_prompts, prompt_len + max_new_tokens) ids: the prompts, then the generated
-        tokens; after a sequence emits a stop token the rest is padding."""
+        tokens; after a sequence emits a stop token the rest is padding. The attention mask is
+        `ids != pad_token_id` unless given (needed where the pad id is also a real token, as in
+        chat prompts whose pad is their end-of-turn token)."""
         ids = self._check_inputs(inputs, max_new_tokens)
+        if attention_mask is None:
+            mask = ids != self.info.pad_token_id
+        else:
+            mask = np.asarray(attention_mask, dtype=bool).reshape(ids.shape)
         try:
             params = SamplingParams(do_sample, temperature, top_k, top_p, seed)
         except ValueError as e:
@@ -99,11 +106,13 @@ class LM:
         block = self.policy.block_size
         outs = []
         for b in range(0, len(ids), block):
-            part = ids[b:b + block]
+            part, part_mask = ids[b:b + block], mask[b:b + block]
             n = len(part)
             if n < block:  # a short last block: fill it with copies of its first prompt
                 part = np.concatenate([part, np.repeat(part[:1], block - n, axis=0)])
-            out = self.runner.run(part, max_new_tokens, sampler, stop_ids, self.info.pad_token_id, on_step)
+                part_mask = np.concatenate([part_mask, np.repeat(part_mask[:1], block - n, axis=0)])
+            out = self.runner.run(part, part_mask, max_new_tokens, sampler, stop_ids, self.info.pad_token_id,
+                                  on_step)
             outs.append(out[:n])
         return np.concatenate(outs)
 

@@ -72,7 +72,8 @@ class BlockRunner:
         self.timings = {"prefill": [], "decode": []}
 
     # ---- one block of gpu_batch_size x num_gpu_batches sequences -----------------------------
-    def run(self, ids: np.ndarray, max_new_tokens: int, sampler, stop_ids, pad_id: int, on_step=None):
+    def run(self, ids: np.ndarray, prompt_mask: np.ndarray, max_new_tokens: int, sampler, stop_ids, pad_id: int,
+            on_step=None):
         env, p = self.env, self.policy
         dev = env.device
         B, s0 = ids.shape
@@ -82,7 +83,7 @@ class BlockRunner:
         out = torch.full((B, s0 + T), pad_id, dtype=torch.long, device=dev)
         out[:, :s0] = torch.as_tensor(ids, device=dev)
         mask = torch.ones((B, s0 + T), dtype=torch.bool, device=dev)
-        mask[:, :s0] = out[:, :s0] != pad_id
+        mask[:, :s0] = torch.as_tensor(prompt_mask, device=dev)
         stopped = torch.zeros(B, dtype=torch.bool, device=dev)
         stop_t = torch.as_tensor(sorted(stop_ids), device=dev) if stop_ids else None
 

@@ -73,7 +73,8 @@ class ModelFamily:
     # Sizes for the benchmark header (FlexGen prints these).
     def model_bytes(self, itemsize: int = 2) -> int:
         import math
-        return sum(math.prod(w.shape) for l in self.layers() for w in l.weights) * itemsize
+        unique = {w.file: w.shape for layer in self.layers() for w in layer.weights}  # tied counted once
+        return sum(math.prod(shape) for shape in unique.values()) * itemsize
 
     def cache_bytes(self, batch: int, seq_len: int, itemsize: int = 2) -> int:
         i = self.info()

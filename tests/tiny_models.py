@@ -1,0 +1,205 @@
+"""Tiny random OPT and LLaMA checkpoints built with transformers, and the reference check.
+
+Every model is built from a fixed seed, its weights rounded to fp16 (the weight cache stores
+fp16, so the Hugging Face reference must run on exactly the same values) and saved with
+`save_pretrained` as safetensors: the engine loads it through its real conversion code.
+
+The reference check is teacher forcing: Hugging Face runs once over the engine's whole output
+rows (prompt + generated tokens); for every generated column t, its argmax at column t - 1 must be
+the engine's token at t. That compares every step even after an early disagreement, and needs one
+forward pass per output instead of a generation loop.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# ---- the models ----------------------------------------------------------------------------------
+
+OPT_BASE = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, ffn_dim=128,
+                max_position_embeddings=64, word_embed_proj_dim=64, init_std=0.2)
+
+# name -> (family, transformers config kwargs)
+SPECS = {
+    # OPT, pre-LayerNorm (every OPT size but 350m)
+    "opt-tiny": ("opt", dict(OPT_BASE)),
+    # word_embed_proj_dim != hidden_size: project_in / project_out (like opt-350m)
+    "opt-tiny-proj": ("opt", dict(OPT_BASE, word_embed_proj_dim=32, num_hidden_layers=2)),
+    # post-LayerNorm with the final LayerNorm removed (opt-350m's layout)
+    "opt-tiny-postln": ("opt", dict(OPT_BASE, do_layer_norm_before=False, _remove_final_layer_norm=True,
+                                    word_embed_proj_dim=48, num_hidden_layers=2)),
+    # LLaMA-1-like: no GQA
+    "llama-tiny": ("llama", dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                 rms_norm_eps=1e-6, initializer_range=0.2, tie_word_embeddings=False)),
+    # grouped-query attention: 8 query heads share 2 KV heads
+    "llama-tiny-gqa": ("llama", dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                                     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
+                                     rms_norm_eps=1e-5, initializer_range=0.2, tie_word_embeddings=False)),
+    # LLaMA-3.1 rope scaling with a large theta; the short original context (16) puts the tiny
+    # head_dim's frequencies into all three bands (kept, smoothed, divided by factor)
+    "llama-tiny-rope3": ("llama", dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       rms_norm_eps=1e-5, initializer_range=0.2, tie_word_embeddings=False,
+                                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                                        "factor": 8.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 16})),
+    # tied input/output embeddings (no lm_head.weight in the checkpoint)
+    "llama-tiny-tied": ("llama", dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      initializer_range=0.2, tie_word_embeddings=True)),
+    # explicit head_dim != hidden / heads (hidden 48, 4 heads of 16: q is 64 wide, o maps 64 -> 48)
+    "llama-tiny-headdim": ("llama", dict(vocab_size=320, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=64, initializer_range=0.2,
+                                         tie_word_embeddings=False)),
+}
+
+OPT_MODELS = [n for n, (f, _) in SPECS.items() if f == "opt"]
+LLAMA_MODELS = [n for n, (f, _) in SPECS.items() if f == "llama"]
+
+
+def family_of(name: str) -> str:
+    return SPECS[name][0]
+
+
+def _hf_classes(family):
+    if family == "opt":
+        from transformers import OPTConfig, OPTForCausalLM
+        return OPTConfig, OPTForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaConfig, LlamaForCausalLM
+
+
+def _perturb_constants(model, seed):
+    """transformers initialises norm gains to 1 and biases to 0; make them random so that a
+    mixed-up or missing bias / norm weight changes the answer."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "norm" in name and name.endswith(".weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+
+
+def build_checkpoint(name: str, directory, seed: int = 0):
+    """Build the model `name`, round its weights to fp16, save it into `directory` (safetensors)."""
+    family, kwargs = SPECS[name]
+    config_cls, model_cls = _hf_classes(family)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).eval()
+    _perturb_constants(model, seed)
+    model = model.half().float()  # the weight cache stores fp16: the reference uses the same values
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    names = os.listdir(directory)
+    assert any(n.endswith(".safetensors") for n in names), names
+    return directory
+
+
+def load_reference(directory):
+    """The Hugging Face model from a saved tiny checkpoint, float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return model.eval()
+
+
+def pad_id_of(name: str) -> int:
+    family, kwargs = SPECS[name]
+    if family == "opt":
+        return kwargs.get("pad_token_id", 1)
+    pad = kwargs.get("pad_token_id")
+    return 0 if pad is None else pad
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+
+def make_prompts(n: int, length: int, vocab: int, pad: int, seed: int = 0, min_len: int | None = None,
+                 avoid=()) -> np.ndarray:
+    """n left-padded prompts of `length` columns with real lengths spread over [min_len, length]
+    (the first row is always full length). Real tokens never equal the pad id (or `avoid`)."""
+    rng = np.random.default_rng(seed)
+    min_len = max(1, length // 2) if min_len is None else min_len
+    banned = {pad, *avoid}
+    allowed = np.array([t for t in range(3, vocab) if t not in banned])
+    rows = np.full((n, length), pad, dtype=np.int64)
+    for i in range(n):
+        real = length if i == 0 else int(rng.integers(min_len, length + 1))
+        rows[i, length - real:] = rng.choice(allowed, size=real)
+    return rows
+
+
+# ---- the reference check -------------------------------------------------------------------------
+
+def teacher_forced_logits(ref, family: str, out: np.ndarray, prompt_len: int, pad: int) -> torch.Tensor:
+    """Hugging Face float32 logits over whole output rows (b, L, V).
+
+    The mask hides prompt padding; generated columns are all real (a row that emitted a stop token
+    gets pad afterwards, but those columns are not compared). LLaMA gets explicit positions from
+    the mask; OPT computes its positions from the mask itself."""
+    ids = torch.as_tensor(np.asarray(out), dtype=torch.long)
+    mask = torch.ones_like(ids)
+    mask[:, :prompt_len] = (ids[:, :prompt_len] != pad).long()
+    kwargs = dict(input_ids=ids, attention_mask=mask)
+    if family == "llama":
+        kwargs["position_ids"] = (mask.cumsum(-1) * mask - 1).clamp(min=0)
+    with torch.no_grad():
+        return ref(**kwargs).logits.float()
+
+
+@dataclass
+class Comparison:
+    ours: np.ndarray          # (b, T) our generated tokens
+    theirs: np.ndarray        # (b, T) HF's teacher-forced argmax
+    margin: np.ndarray        # (b, T) HF's top-1 minus top-2 logit at each compared position
+    compared: np.ndarray      # (b, T) bool: positions that are compared (before / at a stop)
+    logits: torch.Tensor      # (b, T, V) HF's logits predicting each generated column
+
+    @property
+    def agreement(self) -> float:
+        return float((self.ours == self.theirs)[self.compared].mean())
+
+    def mismatches(self):
+        return [(int(r), int(t), int(self.ours[r, t]), int(self.theirs[r, t]), float(self.margin[r, t]))
+                for r, t in zip(*np.nonzero((self.ours != self.theirs) & self.compared))]
+
+
+def compare_to_reference(ref, family, out, prompt_len, pad, stop_ids=()) -> Comparison:
+    out = np.asarray(out)
+    logits = teacher_forced_logits(ref, family, out, prompt_len, pad)
+    pred = logits[:, prompt_len - 1:-1]                         # predicts columns prompt_len ..
+    top2 = pred.topk(2, dim=-1).values
+    ours = out[:, prompt_len:]
+    compared = np.ones(ours.shape, dtype=bool)
+    if stop_ids:
+        for r in range(ours.shape[0]):
+            hits = np.nonzero(np.isin(ours[r], list(stop_ids)))[0]
+            if len(hits):
+                compared[r, hits[0] + 1:] = False
+    return Comparison(ours=ours, theirs=pred.argmax(-1).numpy(), margin=(top2[..., 0] - top2[..., 1]).numpy(),
+                      compared=compared, logits=pred)
+
+
+def assert_matches_reference(cmp: Comparison, device_type: str = "cpu", what: str = ""):
+    """CPU (float32): identical greedy tokens. CUDA (fp16 compute): a disagreement is allowed only
+    where HF's own top-2 margin is within fp16 noise, and at least 90% of positions agree."""
+    bad = cmp.mismatches()
+    if device_type == "cpu":
+        assert not bad, f"{what}: greedy tokens differ from transformers (row, step, ours, hf, hf margin): {bad[:8]}"
+        return
+    real = [m for m in bad if m[4] > FP16_MARGIN]
+    assert not real, f"{what}: tokens differ where transformers is sure (margin > {FP16_MARGIN}): {real[:8]}"
+    assert cmp.agreement >= 0.9, f"{what}: only {cmp.agreement:.1%} top-1 agreement; mismatches {bad[:8]}"
+
+
+# A disagreement on CUDA is fp16 noise only where HF's top-2 logits are this close.
+FP16_MARGIN = 5e-2
+
+
+def distinct_generated(out: np.ndarray, prompt_len: int) -> int:
+    return len(np.unique(np.asarray(out)[:, prompt_len:]))
