@@ -28,14 +28,41 @@ def attention_mask(valid: torch.Tensor, s: int) -> torch.Tensor:
 def attend(q, k, v, valid, scale, sparsity: float = 1.0):
     b, s, heads, d = q.shape
     n_rep = heads // k.shape[2]
+    if s == 1 and sparsity >= 1.0:
+        return _dense_decode(q, k, v, valid, scale)
     qh = q.transpose(1, 2)
     kh = _expand_kv(k.transpose(1, 2), n_rep)
     vh = _expand_kv(v.transpose(1, 2), n_rep)
-    if s == 1 and sparsity < 1.0:
+    if s == 1:
         out = _sparse_decode(qh, kh, vh, valid, scale, sparsity)
     else:
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attention_mask(valid, s), scale=scale)
+        with _prefill_backends():
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attention_mask(valid, s), scale=scale)
     return out.transpose(1, 2)
+
+
+def _prefill_backends():
+    """SDPA without the cuDNN backend: it rebuilds its plan for every new sequence length, which
+    costs milliseconds of host time per call."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    except ImportError:  # torch < 2.3
+        import contextlib
+        return contextlib.nullcontext()
+
+
+def _dense_decode(q, k, v, valid, scale):
+    """One query per sequence: plain batched matmuls, with the query heads of a KV group side by
+    side so grouped-query attention needs no copy of the cache per head."""
+    b, _, heads, d = q.shape
+    kv_heads = k.shape[2]
+    qg = q.view(b, kv_heads, heads // kv_heads, d)                     # (b, g, rep, d)
+    scores = (qg @ k.permute(0, 2, 3, 1)).float() * scale              # (b, g, rep, S)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype)
+    out = probs @ v.transpose(1, 2)                                    # (b, g, rep, d)
+    return out.reshape(b, 1, heads, d)
 
 
 def _sparse_decode(qh, kh, vh, valid, scale, sparsity):

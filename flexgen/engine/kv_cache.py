@@ -43,11 +43,6 @@ class LayerCache:
             return self.env.read_disk(st, 0, rows, to_compute=not keep_cpu)
         return self.env.to_compute(st[:rows])
 
-    def segment_views(self, rows: int):
-        """(k, v) storage views of the first `rows` positions of each segment."""
-        return [(ks[1][:rows] if ks[0] != "disk" else None, vs[1][:rows] if vs[0] != "disk" else None)
-                for ks, vs in zip(self.k.segments, self.v.segments)]
-
     def write_resident(self, k_rows, v_rows, start):
         """Write new rows (s, b, kv_heads, d) into the resident segments, in place."""
         for i, (a, b) in enumerate(self.ranges):
@@ -68,11 +63,17 @@ class LayerCache:
                     if tier == "disk":
                         self.env.write_disk(st, part.contiguous(), start)
                     else:
-                        st[start:start + part.shape[0]].copy_(part)
+                        st[start:start + part.shape[0]].copy_(part, non_blocking=True)
 
     @property
     def needs_store(self) -> bool:
         return not all(self.resident)
+
+    @property
+    def loads_from_disk(self) -> bool:
+        return any(t == "disk" and not r for t, r in zip(self.k.tiers, self.resident))
+
+    stores_to_disk = loads_from_disk
 
     def close(self):
         self.k.close()

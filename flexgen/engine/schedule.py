@@ -111,7 +111,7 @@ class BlockRunner:
                 if stop_t is not None and bool(stopped.all()):
                     break
             for f in pending_cache.values():
-                f.result()
+                f.wait_host()
         finally:
             for c in caches.values():
                 c.close()
@@ -126,10 +126,12 @@ class BlockRunner:
             if li is None or step.i == 0:
                 return None
             cache = caches[(li, k)]
-            return io.load(lambda: cache.load(step.start), wait_for=pending_cache.get((li, k)))
+            return io.load(lambda: cache.load(step.start), cache.loads_from_disk,
+                           after=pending_cache.get((li, k)))
 
         def load_weights(j):
-            return io.load(lambda: [self.weights.load(x) for x in stages[j]])
+            on_disk = any(self.weights.on_disk(x) for x in stages[j])
+            return io.load(lambda: [self.weights.load(x) for x in stages[j]], on_disk)
 
         w_next = load_weights(0)
         cache_next = {(0, 0): load_cache(0, 0)}
@@ -174,7 +176,8 @@ class BlockRunner:
             v_rows = v_new.transpose(0, 1).contiguous()
             cache.write_resident(k_rows, v_rows, step.start)
             if cache.needs_store:
-                pending_cache[(li, k)] = self.io.store(lambda: cache.store_rest(k_rows, v_rows, step.start))
+                pending_cache[(li, k)] = self.io.store(lambda: cache.store_rest(k_rows, v_rows, step.start),
+                                                       cache.stores_to_disk, (k_rows, v_rows))
             if step.i == 0:
                 return attention_core(q, k_new, v_new, valid, scale, sparsity)
             rep = q.shape[2] // k_new.shape[2]

@@ -69,6 +69,9 @@ class WeightStore:
         """Layer j's weights on the compute device (views for what already lives there)."""
         return {key: buf.load_joined() for key, buf in self.homes[j].items()}
 
+    def on_disk(self, j: int) -> bool:
+        return any("disk" in buf.tiers for buf in self.homes[j].values())
+
     def nbytes_on(self, tier: str) -> int:
         return sum(buf.nbytes_on(tier) for home in self.homes for buf in home.values())
 

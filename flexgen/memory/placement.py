@@ -128,9 +128,9 @@ class TieredBuffer:
             if tier == "disk":
                 self.env.write_disk(st, part, row_start)
             elif self.split_dim == 0 and row_start == 0 and n == st.shape[0]:
-                st.copy_(part, non_blocking=False)
+                st.copy_(part, non_blocking=True)
             else:
-                st[row_start:row_start + n].copy_(part, non_blocking=False)
+                st[row_start:row_start + n].copy_(part, non_blocking=True)
 
     def close(self):
         for tier, st, _, _ in self.segments:

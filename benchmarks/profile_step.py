@@ -1,0 +1,28 @@
+"""Profile one generate() call of a dummy model: Python hot spots (cProfile) and kernels
+(torch.profiler). Usage: PYTHONPATH=. python3 benchmarks/profile_step.py facebook/opt-6.7b 8 1 100 0 100 0 100 0 [overlap]"""
+import cProfile
+import pstats
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+from flexgen.flex_opt import ExecutionEnv, OptLM, Policy
+
+model, gbs, ngb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+pct = [float(x) for x in sys.argv[4:10]]
+overlap = len(sys.argv) > 10 and sys.argv[10] == "overlap"
+env = ExecutionEnv.create(tempfile.mkdtemp())
+lm = OptLM(model, env, "_DUMMY_", Policy(gbs, ngb, *pct, overlap=overlap), progress=False)
+ids = np.random.default_rng(0).integers(100, 1000, size=(gbs * ngb, 512))
+lm.generate(ids, max_new_tokens=2)
+pr = cProfile.Profile()
+pr.enable()
+lm.generate(ids, max_new_tokens=8)
+pr.disable()
+print("timings", {k: [round(x, 4) for x in v] for k, v in lm.timings.items()})
+pstats.Stats(pr).sort_stats("tottime").print_stats(18)
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+    lm.generate(ids, max_new_tokens=4)
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
