@@ -138,15 +138,23 @@ def make_inputs(model, args, num_prompts):
 
 
 def run(args, lm_class, log_prefix: str):
-    env = ExecutionEnv.create(args.offload_dir, device=args.device)
+    from .engine.generate import GenerationError
+    from .models.registry import resolve_model
+
     policy = policy_from_args(args)
+    info = resolve_model(args.model, lm_class.family_name).family.info()
+    if args.prompt_len + args.gen_len > info.max_seq_len:  # say so before loading any weights
+        raise GenerationError(f"--prompt-len {args.prompt_len} + --gen-len {args.gen_len} exceeds the model's "
+                              f"context of {info.max_seq_len} positions")
+    env = ExecutionEnv.create(args.offload_dir, device=args.device)
     num_prompts = policy.block_size
     gen_len, cut_gen_len = args.gen_len, args.cut_gen_len
 
     print(f"<{lm_class.__name__}> device: {env.device}, dtype: {str(env.compute_dtype).split('.')[-1]}, "
           f"torch threads: {torch.get_num_threads()}")
-    model = lm_class(args.model, env, args.path, policy, progress=args.verbose >= 1)
+    model = None
     try:
+        model = lm_class(args.model, env, args.path, policy, progress=args.verbose >= 1)
         inputs, mask, tok = make_inputs(model, args, num_prompts)
         fam = model.family
         cache_size = fam.cache_bytes(num_prompts, args.prompt_len + gen_len)
@@ -199,9 +207,12 @@ def run(args, lm_class, log_prefix: str):
         if args.verbose >= 1:
             print(f"peak host mem (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f} GB")
             print(log_str)
+        if args.debug_mode == "breakdown":
+            print("per-step latency (s):", " ".join(f"{x:.4f}" for x in t["prefill"] + t["decode"]))
     finally:
-        model.close()
-        env.close_copy_threads()
+        if model is not None:
+            model.close()
+        env.close_copy_threads()  # also removes this run's offload files
 
 
 def main(lm_class, default_model, default_path, log_prefix, argv=None):

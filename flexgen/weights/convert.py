@@ -147,9 +147,7 @@ def resolve_hub_checkpoint(name) -> str | None:
     """Local snapshot dir for a hub model name, downloading config, tokenizer and weights if needed.
     Returns None when `name` is not a valid hub repo id (so the caller can try other meanings)."""
     import huggingface_hub as hub
-    try:
-        hub.utils.validate_repo_id(name)
-    except Exception:
+    if not isinstance(name, str) or name.count("/") != 1 or name.startswith(("/", ".", "~")):
         return None
     small = ["*.json", "*.txt", "*.model", "tokenizer*"]
     # Safetensors first; .bin only for repos without them (never download both copies).
