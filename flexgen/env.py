@@ -6,14 +6,13 @@ tier, the moves between tiers, and the worker threads that let I/O overlap compu
 from __future__ import annotations
 
 import concurrent.futures as cf
-import errno
 import os
 import shutil
 import tempfile
 
 import torch
 
-from .memory.disk import DiskFullError, DiskTensor
+from .memory.disk import DiskTensor
 from .memory.placement import Staging
 from .policy import PolicyError
 

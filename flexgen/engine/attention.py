@@ -57,10 +57,12 @@ def _dense_decode(q, k, v, valid, scale):
     side so grouped-query attention needs no copy of the cache per head."""
     b, _, heads, d = q.shape
     kv_heads = k.shape[2]
+    if scale != 1.0:
+        q = q * scale
     qg = q.view(b, kv_heads, heads // kv_heads, d)                     # (b, g, rep, d)
-    scores = (qg @ k.permute(0, 2, 3, 1)).float() * scale              # (b, g, rep, S)
+    scores = qg @ k.permute(0, 2, 3, 1)                                # (b, g, rep, S)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = scores.softmax(-1).to(v.dtype)
+    probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)
     out = probs @ v.transpose(1, 2)                                    # (b, g, rep, d)
     return out.reshape(b, 1, heads, d)
 

@@ -6,7 +6,6 @@ split over heads keeps every head's attention exact on whichever device computes
 """
 from __future__ import annotations
 
-import torch
 
 from ..memory.placement import TieredBuffer
 

@@ -15,7 +15,7 @@ import torch
 from ..models.base import StepContext
 from ..memory.placement import TieredBuffer
 from .attention import attend as attention_core
-from .io import IO
+from .io import IO, Pending
 from .kv_cache import LayerCache
 
 
@@ -126,10 +126,14 @@ class BlockRunner:
             if li is None or step.i == 0:
                 return None
             cache = caches[(li, k)]
+            if not cache.needs_store:  # all of it is read in place: nothing to load
+                return None
             return io.load(lambda: cache.load(step.start), cache.loads_from_disk,
                            after=pending_cache.get((li, k)))
 
         def load_weights(j):
+            if all(self.weights.resident(x) for x in stages[j]):  # views, no transfer to wait for
+                return Pending([self.weights.load(x) for x in stages[j]])
             on_disk = any(self.weights.on_disk(x) for x in stages[j])
             return io.load(lambda: [self.weights.load(x) for x in stages[j]], on_disk)
 
@@ -145,7 +149,7 @@ class BlockRunner:
                 if nxt[0] < len(stages):
                     cache_next[nxt] = load_cache(*nxt)
                 if wdicts is None:
-                    wdicts = io.result(w_fut)
+                    wdicts = io.result(w_fut) if w_fut.event or w_fut.future else w_fut.value
                 cfut = cache_next.pop((j, k))
                 loaded = io.result(cfut) if cfut is not None else None
                 h = acts.get(k) if j > 0 else None

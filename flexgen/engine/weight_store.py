@@ -54,6 +54,9 @@ class WeightStore:
                     buf.fill_from(torch.from_numpy(np.array(arr)).to(dtype))
                 home[spec.key] = buf
             self.homes.append(home)
+        # Layers whose weights all live on the compute device are served as the same views
+        # every time: build those dicts once (the decode loop is bound by host overhead).
+        self._views = {j: self._load(j) for j in range(len(self.homes)) if self.resident(j)}
 
     @staticmethod
     def _fill_dummy(buf: TieredBuffer, spec):
@@ -67,7 +70,18 @@ class WeightStore:
 
     def load(self, j: int) -> dict:
         """Layer j's weights on the compute device (views for what already lives there)."""
+        views = self._views.get(j)
+        return views if views is not None else self._load(j)
+
+    def _load(self, j: int) -> dict:
         return {key: buf.load_joined() for key, buf in self.homes[j].items()}
+
+    def resident(self, j: int) -> bool:
+        """Whether all of layer j's weights already live on the compute device."""
+        if j in getattr(self, "_views", ()):
+            return True
+        compute = ("gpu",) if self.env.is_cuda else ("gpu", "cpu")
+        return all(set(buf.tiers) <= set(compute) for buf in self.homes[j].values())
 
     def on_disk(self, j: int) -> bool:
         return any("disk" in buf.tiers for buf in self.homes[j].values())
@@ -79,4 +93,4 @@ class WeightStore:
         for home in self.homes:
             for buf in home.values():
                 buf.close()
-        self.homes = []
+        self.homes, self._views = [], {}

@@ -10,7 +10,6 @@ import threading
 
 import torch
 
-from .disk import DiskTensor
 
 TIERS = ("gpu", "cpu", "disk")
 

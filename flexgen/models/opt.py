@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
 from .base import LayerSpec, ModelFamily, ModelInfo, WeightSpec
