@@ -23,6 +23,10 @@ DEVICE_TYPE = torch.device(DEVICE).type
 
 
 def pytest_configure(config):
+    # The tiny models are dominated by per-op overhead; one intra-op thread is faster for them and,
+    # on a small shared CI machine, immune to the busy-waiting that makes two OpenMP threads crawl
+    # when another process holds a core. FLEXGEN_TEST_THREADS overrides.
+    torch.set_num_threads(int(os.environ.get("FLEXGEN_TEST_THREADS", "1")))
     config.addinivalue_line("markers", "gpu: needs a CUDA compute device (FLEXGEN_TEST_DEVICE=cuda)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     if DEVICE_TYPE == "cuda" and not torch.cuda.is_available():
@@ -117,3 +121,63 @@ def open_lm(zoo, offload_dir):
             env.close_copy_threads()
 
     return _open
+
+
+@pytest.fixture
+def run_fidelity(zoo, open_lm):
+    """run_fidelity(name, policy, ...) -> (output, Comparison): generate greedily on left-padded
+    prompts of different real lengths and check the tokens against transformers (teacher forced)."""
+
+    def _run(name, policy, n_prompts=None, prompt_len=10, gen_len=8, seed=0, stop=None, prompts=None,
+             min_len=None, attention_mask=None, **gen_kwargs):
+        family, kwargs = tiny_models.SPECS[name]
+        pad = tiny_models.pad_id_of(name)
+        if prompts is None:
+            n = policy.block_size if n_prompts is None else n_prompts
+            prompts = tiny_models.make_prompts(n, prompt_len, kwargs["vocab_size"], pad, seed=seed,
+                                               min_len=min_len)
+        n, prompt_len = prompts.shape
+        with open_lm(name, policy) as lm:
+            if attention_mask is not None:
+                gen_kwargs["attention_mask"] = attention_mask
+            out = lm.generate(prompts, max_new_tokens=gen_len, stop=stop, **gen_kwargs)
+        assert isinstance(out, __import__("numpy").ndarray)
+        assert out.shape == (n, prompt_len + gen_len)
+        assert (out[:, :prompt_len] == prompts).all(), "the prompt part of the output must be the prompts"
+        assert out.min() >= 0 and out.max() < kwargs["vocab_size"]
+        stop_ids = () if stop is None else tuple(stop if isinstance(stop, (list, tuple)) else [stop])
+        cmp = tiny_models.compare_to_reference(zoo.reference(name), family, out, prompt_len, pad, stop_ids,
+                                               prompt_mask=attention_mask)
+        tiny_models.assert_matches_reference(cmp, DEVICE_TYPE, what=f"{name} {policy}")
+        return out, cmp
+
+    return _run
+
+
+class LogitRecorder(list):
+    """The logits the engine hands its sampler, one (gpu_batch_size, V) tensor per call."""
+
+    def by_row(self, policy, steps):
+        """(rows of one block, steps, V): calls run per step, then per GPU batch."""
+        ngb = policy.num_gpu_batches
+        assert len(self) == steps * ngb, f"expected {steps * ngb} sampler calls, got {len(self)}"
+        per_step = [torch.cat(self[i * ngb:(i + 1) * ngb], dim=0) for i in range(steps)]
+        return torch.stack(per_step, dim=1)
+
+
+@pytest.fixture
+def record_logits(monkeypatch):
+    """Wrap the engine's Sampler so the logits it sees are recorded (float32, on the CPU)."""
+    gen = pytest.importorskip("flexgen.engine.generate")
+    if not hasattr(gen, "Sampler"):
+        pytest.skip("the engine no longer builds its sampler in flexgen.engine.generate")
+    base = gen.Sampler
+    recorded = LogitRecorder()
+
+    class Recording(base):
+        def __call__(self, logits):
+            recorded.append(logits.detach().float().cpu().clone())
+            return super().__call__(logits)
+
+    monkeypatch.setattr(gen, "Sampler", Recording)
+    return recorded

@@ -136,7 +136,8 @@ def make_prompts(n: int, length: int, vocab: int, pad: int, seed: int = 0, min_l
 
 # ---- the reference check -------------------------------------------------------------------------
 
-def teacher_forced_logits(ref, family: str, out: np.ndarray, prompt_len: int, pad: int) -> torch.Tensor:
+def teacher_forced_logits(ref, family: str, out: np.ndarray, prompt_len: int, pad: int,
+                          prompt_mask=None) -> torch.Tensor:
     """Hugging Face float32 logits over whole output rows (b, L, V).
 
     The mask hides prompt padding; generated columns are all real (a row that emitted a stop token
@@ -144,7 +145,10 @@ def teacher_forced_logits(ref, family: str, out: np.ndarray, prompt_len: int, pa
     the mask; OPT computes its positions from the mask itself."""
     ids = torch.as_tensor(np.asarray(out), dtype=torch.long)
     mask = torch.ones_like(ids)
-    mask[:, :prompt_len] = (ids[:, :prompt_len] != pad).long()
+    if prompt_mask is None:
+        mask[:, :prompt_len] = (ids[:, :prompt_len] != pad).long()
+    else:
+        mask[:, :prompt_len] = torch.as_tensor(np.asarray(prompt_mask)).long()
     kwargs = dict(input_ids=ids, attention_mask=mask)
     if family == "llama":
         kwargs["position_ids"] = (mask.cumsum(-1) * mask - 1).clamp(min=0)
@@ -169,9 +173,9 @@ class Comparison:
                 for r, t in zip(*np.nonzero((self.ours != self.theirs) & self.compared))]
 
 
-def compare_to_reference(ref, family, out, prompt_len, pad, stop_ids=()) -> Comparison:
+def compare_to_reference(ref, family, out, prompt_len, pad, stop_ids=(), prompt_mask=None) -> Comparison:
     out = np.asarray(out)
-    logits = teacher_forced_logits(ref, family, out, prompt_len, pad)
+    logits = teacher_forced_logits(ref, family, out, prompt_len, pad, prompt_mask)
     pred = logits[:, prompt_len - 1:-1]                         # predicts columns prompt_len ..
     top2 = pred.topk(2, dim=-1).values
     ours = out[:, prompt_len:]
@@ -203,3 +207,69 @@ FP16_MARGIN = 5e-2
 
 def distinct_generated(out: np.ndarray, prompt_len: int) -> int:
     return len(np.unique(np.asarray(out)[:, prompt_len:]))
+
+
+# ---- placements ----------------------------------------------------------------------------------
+# name -> (six percents, extra Policy arguments). Percents are (weight gpu, cpu, cache gpu, cpu,
+# act gpu, cpu); "gpu" is the compute device, whatever it is; the rest of each goes to disk.
+
+PLACEMENTS = {
+    "all_compute": ((100, 0, 100, 0, 100, 0), {}),
+    "weights_cpu": ((0, 100, 100, 0, 100, 0), {}),
+    "weights_cpu_disk": ((0, 50, 100, 0, 100, 0), {}),
+    "cache_cpu": ((100, 0, 0, 100, 100, 0), {}),
+    "cache_disk": ((100, 0, 0, 0, 100, 0), {}),
+    "act_cpu": ((100, 0, 100, 0, 0, 100), {}),
+    "act_disk": ((100, 0, 100, 0, 0, 0), {}),
+    "all_disk": ((0, 0, 0, 0, 0, 0), {}),
+    # weights 30/40/30, cache 50/25/25, activations on the CPU
+    "mixed": ((30, 40, 50, 25, 0, 100), {}),
+    # every kind split over all three tiers
+    "mixed_all_tiers": ((20, 30, 40, 30, 30, 40), {}),
+    "mixed_ngb3": ((30, 40, 50, 25, 0, 100), {"num_gpu_batches": 3}),
+    "all_disk_ngb3": ((0, 0, 0, 0, 0, 0), {"num_gpu_batches": 3}),
+    "mixed_no_overlap": ((30, 40, 50, 25, 0, 100), {"overlap": False}),
+    "mixed_no_sep_layer": ((30, 40, 50, 25, 0, 100), {"sep_layer": False}),
+    "disk_no_overlap_no_sep": ((0, 30, 0, 40, 0, 50), {"overlap": False, "sep_layer": False}),
+    "cache_cpu_cpu_attn": ((100, 0, 0, 100, 100, 0), {"cpu_cache_compute": True}),
+    "cache_split_cpu_attn": ((50, 50, 25, 50, 100, 0), {"cpu_cache_compute": True}),
+    "cache_split_no_cpu_attn": ((50, 50, 25, 50, 100, 0), {"cpu_cache_compute": False}),
+    "cache_cpu_disk_cpu_attn_ngb3": ((0, 100, 0, 50, 0, 100), {"cpu_cache_compute": True, "num_gpu_batches": 3,
+                                                                "overlap": True}),
+    "no_pin": ((0, 100, 0, 100, 100, 0), {"pin_weight": False}),
+}
+
+# A smaller set for the other shapes of each family: the plainest, the busiest, and CPU attention.
+SHAPE_PLACEMENTS = ["all_compute", "mixed_ngb3", "cache_split_cpu_attn"]
+
+
+def make_policy(placement: str, gpu_batch_size: int = 2, **overrides):
+    from flexgen.flex_opt import Policy
+    percents, extra = PLACEMENTS[placement]
+    kwargs = dict(num_gpu_batches=2, overlap=True, sep_layer=True, pin_weight=True, cpu_cache_compute=False,
+                  attn_sparsity=1.0)
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    ngb = kwargs.pop("num_gpu_batches")
+    return Policy(gpu_batch_size, ngb, *percents, **kwargs)
+
+
+def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor, device_type: str = "cpu"):
+    """float32: max abs diff within 1e-4 of the logits' scale; fp16: within fp16 noise."""
+    scale = max(1.0, float(theirs.abs().max()))
+    diff = float((ours - theirs).abs().max())
+    tol = (1e-4 if device_type == "cpu" else 2e-2) * scale
+    assert diff <= tol, f"logits differ from transformers by {diff:.3g} (tolerance {tol:.3g}, scale {scale:.3g})"
+
+
+def prompts_with_pad_inside(name: str, n: int, length: int, seed: int = 0):
+    """Left-padded prompts whose real part also holds the pad id (as chat prompts do when the pad
+    is the end-of-turn token), and their attention mask."""
+    pad = pad_id_of(name)
+    prompts = make_prompts(n, length, SPECS[name][1]["vocab_size"], pad, seed=seed)
+    mask = prompts != pad
+    rng = np.random.default_rng(seed + 100)
+    for r in range(n):
+        real = np.nonzero(mask[r])[0]
+        prompts[r, rng.choice(real[1:], size=min(2, len(real) - 1), replace=False)] = pad
+    return prompts, mask

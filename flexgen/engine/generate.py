@@ -79,10 +79,9 @@ class LM:
         return self._tokenizer
 
     # ---- generation ---------------------------------------------------------------------------
-    def generate(self, inputs, do_sample: bool = False, temperature: float = 1.0, max_new_tokens: int = 32,
-                 stop=None, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 debug_mode=None, cut_gen_len=None, verbose: int = 0, on_step=None,
-                 attention_mask=None) -> np.ndarray:
+    def generate(self, inputs, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 stop=None, debug_mode=None, cut_gen_len=None, verbose: int = 0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, attention_mask=None, on_step=None) -> np.ndarray:
         """Generate for equally long, left-padded prompts (rows of token ids).
 
         Returns (num_prompts, prompt_len + max_new_tokens) ids: the prompts, then the generated
@@ -98,8 +97,8 @@ class LM:
             params = SamplingParams(do_sample, temperature, top_k, top_p, seed)
         except ValueError as e:
             raise GenerationError(str(e)) from e
-        if cut_gen_len:
-            max_new_tokens = min(max_new_tokens, cut_gen_len)
+        # cut_gen_len (FlexGen's debugging aid) runs fewer steps; the output keeps its full width.
+        steps = min(max_new_tokens, cut_gen_len) if cut_gen_len else max_new_tokens
         stop_ids = self._stop_ids(stop)
         sampler = Sampler(params, self.env.device)
         self.runner.timings = {"prefill": [], "decode": []}
@@ -111,8 +110,9 @@ class LM:
             if n < block:  # a short last block: fill it with copies of its first prompt
                 part = np.concatenate([part, np.repeat(part[:1], block - n, axis=0)])
                 part_mask = np.concatenate([part_mask, np.repeat(part_mask[:1], block - n, axis=0)])
-            out = self.runner.run(part, part_mask, max_new_tokens, sampler, stop_ids, self.info.pad_token_id,
-                                  on_step)
+            out = self.runner.run(part, part_mask, steps, sampler, stop_ids, self.info.pad_token_id, on_step)
+            if steps < max_new_tokens:
+                out = np.pad(out, ((0, 0), (0, max_new_tokens - steps)), constant_values=self.info.pad_token_id)
             outs.append(out[:n])
         return np.concatenate(outs)
 

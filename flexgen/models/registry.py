@@ -51,8 +51,8 @@ def resolve_model(model, family: str | None = None) -> ResolvedModel:
     if isinstance(model, (OptConfig, LlamaConfig)):
         fam_cls = OptFamily if isinstance(model, OptConfig) else LlamaFamily
         resolved = ResolvedModel(fam_cls(model), model.name.split("/")[-1], None, None)
-    elif isinstance(model, str):
-        resolved = _resolve_str(model, family)
+    elif isinstance(model, (str, os.PathLike)):
+        resolved = _resolve_str(os.fspath(model), family)
     else:
         raise ModelNotFound(f"model must be a name, a path or a config, got {type(model).__name__}")
     if family is not None and resolved.family.family != family:
