@@ -81,13 +81,16 @@ class LM:
     # ---- generation ---------------------------------------------------------------------------
     def generate(self, inputs, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  stop=None, debug_mode=None, cut_gen_len=None, verbose: int = 0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, attention_mask=None, on_step=None) -> np.ndarray:
+                 top_p: float = 1.0, seed: int | None = None, attention_mask=None, on_step=None,
+                 return_logprobs: bool = False):
         """Generate for equally long, left-padded prompts (rows of token ids).
 
         Returns (num_prompts, prompt_len + max_new_tokens) ids: the prompts, then the generated
         tokens; after a sequence emits a stop token the rest is padding. The attention mask is
         `ids != pad_token_id` unless given (needed where the pad id is also a real token, as in
-        chat prompts whose pad is their end-of-turn token)."""
+        chat prompts whose pad is their end-of-turn token). With return_logprobs, also returns
+        (num_prompts, max_new_tokens) log-probabilities of the generated tokens under the model
+        (0 after a sequence has stopped)."""
         ids = self._check_inputs(inputs, max_new_tokens)
         if attention_mask is None:
             mask = ids != self.info.pad_token_id
@@ -101,20 +104,47 @@ class LM:
         steps = min(max_new_tokens, cut_gen_len) if cut_gen_len else max_new_tokens
         stop_ids = self._stop_ids(stop)
         sampler = Sampler(params, self.env.device)
+        results = self._run_blocks(ids, mask, steps, sampler, stop_ids, on_step, want_logprobs=return_logprobs)
+        pad = self.info.pad_token_id
+        out = np.concatenate([r.ids for r in results])
+        if steps < max_new_tokens:
+            out = np.pad(out, ((0, 0), (0, max_new_tokens - steps)), constant_values=pad)
+        if not return_logprobs:
+            return out
+        logprobs = np.concatenate([r.logprobs for r in results])
+        if steps < max_new_tokens:
+            logprobs = np.pad(logprobs, ((0, 0), (0, max_new_tokens - steps)))
+        return out, logprobs
+
+    def score(self, inputs, attention_mask=None) -> np.ndarray:
+        """Log-probability of every prompt token given the tokens before it (column 0 and
+        padding are 0), as evaluation harnesses need to score given continuations."""
+        ids = self._check_inputs(inputs, 1)
+        mask = ids != self.info.pad_token_id if attention_mask is None else \
+            np.asarray(attention_mask, dtype=bool).reshape(ids.shape)
+        sampler = Sampler(SamplingParams(), self.env.device)
+        results = self._run_blocks(ids, mask, 1, sampler, None, None, score=True)
+        scores = np.concatenate([r.scores for r in results])
+        prev_real = np.concatenate([np.zeros((len(ids), 1), bool), mask[:, :-1]], axis=1)
+        return np.where(mask & prev_real, scores, 0.0)
+
+    def _run_blocks(self, ids, mask, steps, sampler, stop_ids, on_step, **kw):
+        """Run the prompts in blocks of gpu_batch_size x num_gpu_batches."""
         self.runner.timings = {"prefill": [], "decode": []}
         block = self.policy.block_size
-        outs = []
+        results = []
         for b in range(0, len(ids), block):
             part, part_mask = ids[b:b + block], mask[b:b + block]
             n = len(part)
             if n < block:  # a short last block: fill it with copies of its first prompt
                 part = np.concatenate([part, np.repeat(part[:1], block - n, axis=0)])
                 part_mask = np.concatenate([part_mask, np.repeat(part_mask[:1], block - n, axis=0)])
-            out = self.runner.run(part, part_mask, steps, sampler, stop_ids, self.info.pad_token_id, on_step)
-            if steps < max_new_tokens:
-                out = np.pad(out, ((0, 0), (0, max_new_tokens - steps)), constant_values=self.info.pad_token_id)
-            outs.append(out[:n])
-        return np.concatenate(outs)
+            r = self.runner.run(part, part_mask, steps, sampler, stop_ids, self.info.pad_token_id, on_step, **kw)
+            for name in ("ids", "logprobs", "scores"):
+                if getattr(r, name) is not None:
+                    setattr(r, name, getattr(r, name)[:n])
+            results.append(r)
+        return results
 
     @property
     def timings(self):

@@ -73,20 +73,15 @@ class BlockRunner:
 
     # ---- one block of gpu_batch_size x num_gpu_batches sequences -----------------------------
     def run(self, ids: np.ndarray, prompt_mask: np.ndarray, max_new_tokens: int, sampler, stop_ids, pad_id: int,
-            on_step=None):
+            on_step=None, want_logprobs: bool = False, score: bool = False) -> "BlockResult":
+        """Generate max_new_tokens for one block. With score, the head also runs over every prompt
+        position and the log-probability of each prompt token given the ones before is returned."""
         env, p = self.env, self.policy
-        dev = env.device
         B, s0 = ids.shape
         T = max_new_tokens
         gbs, ngb = p.gpu_batch_size, p.num_gpu_batches
         assert B == gbs * ngb
-        out = torch.full((B, s0 + T), pad_id, dtype=torch.long, device=dev)
-        out[:, :s0] = torch.as_tensor(ids, device=dev)
-        mask = torch.ones((B, s0 + T), dtype=torch.bool, device=dev)
-        mask[:, :s0] = torch.as_tensor(prompt_mask, device=dev)
-        stopped = torch.zeros(B, dtype=torch.bool, device=dev)
-        stop_t = torch.as_tensor(sorted(stop_ids), device=dev) if stop_ids else None
-
+        blk = _Block(env.device, ids, prompt_mask, T, sampler, stop_ids, pad_id, gbs, want_logprobs, score)
         caches = {}
         for li, layer in enumerate(self.layers):
             if layer.kind == "attention":
@@ -100,15 +95,17 @@ class BlockRunner:
                 t0 = time.perf_counter()
                 start = 0 if i == 0 else s0 + i - 1
                 cur = s0 if i == 0 else s0 + i
-                valid = mask[:, :cur]
+                valid = blk.mask[:, :cur]
                 positions = (valid.long().cumsum(-1) * valid - 1)[:, start:cur]
-                step = _Step(i, start, cur, out, valid, positions, gbs)
-                self._run_step(step, caches, acts, pending_cache, sampler, stopped, stop_t, pad_id, s0)
+                step = _Step(i, start, cur, blk.out, valid, positions, gbs)
+                # A GPU batch whose sequences have all stopped costs nothing more.
+                step.skip = blk.finished_batches(ngb) if i > 0 else set()
+                self._run_step(step, caches, acts, pending_cache, blk)
                 env.synchronize()
                 self.timings["prefill" if i == 0 else "decode"].append(time.perf_counter() - t0)
                 if on_step is not None:
                     on_step(i)
-                if stop_t is not None and bool(stopped.all()):
+                if blk.stop_t is not None and bool(blk.stopped.all()):
                     break
             for f in pending_cache.values():
                 f.wait_host()
@@ -116,14 +113,14 @@ class BlockRunner:
             for c in caches.values():
                 c.close()
             acts.close()
-        return out.cpu().numpy()
+        return blk.result()
 
-    def _run_step(self, step, caches, acts, pending_cache, sampler, stopped, stop_t, pad_id, s0):
+    def _run_step(self, step, caches, acts, pending_cache, blk):
         io, ngb, stages = self.io, self.policy.num_gpu_batches, self.stages
 
         def load_cache(j, k):
             li = next((x for x in stages[j] if self.layers[x].kind == "attention"), None)
-            if li is None or step.i == 0:
+            if li is None or step.i == 0 or k in step.skip:
                 return None
             cache = caches[(li, k)]
             if not cache.needs_store:  # all of it is read in place: nothing to load
@@ -148,25 +145,27 @@ class BlockRunner:
                 nxt = (j, k + 1) if k + 1 < ngb else (j + 1, 0)
                 if nxt[0] < len(stages):
                     cache_next[nxt] = load_cache(*nxt)
+                cfut = cache_next.pop((j, k))
+                if k in step.skip:
+                    continue
                 if wdicts is None:
                     wdicts = io.result(w_fut) if w_fut.event or w_fut.future else w_fut.value
-                cfut = cache_next.pop((j, k))
                 loaded = io.result(cfut) if cfut is not None else None
                 h = acts.get(k) if j > 0 else None
-                h = self._compute(stage, wdicts, h, k, step, caches, loaded, pending_cache)
+                h = self._compute(stage, wdicts, h, k, step, caches, loaded, pending_cache, blk.score)
                 if self.layers[stage[-1]].kind == "head":
-                    self._emit(h, k, step, sampler, stopped, stop_t, pad_id, s0)
+                    blk.emit(h, k, step)
                 else:
                     acts.put(k, h)
 
-    def _compute(self, stage, wdicts, h, k, step, caches, loaded, pending_cache):
+    def _compute(self, stage, wdicts, h, k, step, caches, loaded, pending_cache, score=False):
         b0, b1 = k * step.gbs, (k + 1) * step.gbs
         ctx = StepContext(input_ids=step.out[b0:b1, step.start:step.cur], positions=step.positions[b0:b1])
         for li, w in zip(stage, wdicts):
             layer = self.layers[li]
             if layer.kind == "attention":
                 ctx.attend = self._attender(caches[(li, k)], loaded, step, b0, b1, li, k, pending_cache)
-            elif layer.kind == "head":
+            elif layer.kind == "head" and not (score and step.i == 0):
                 h = h[:, -1:]
             h = layer.forward(w, h, ctx)
         return h
@@ -207,17 +206,61 @@ class BlockRunner:
 
         return attend
 
-    def _emit(self, logits, k, step, sampler, stopped, stop_t, pad_id, s0):
-        b0, b1 = k * step.gbs, (k + 1) * step.gbs
-        ids = sampler(logits[:, -1].float())
-        if stop_t is not None:
-            done = stopped[b0:b1]
-            ids = torch.where(done, torch.full_like(ids, pad_id), ids)
-            stopped[b0:b1] = done | torch.isin(ids, stop_t)
-        step.out[b0:b1, s0 + step.i] = ids
-
-
 class _Step:
     def __init__(self, i, start, cur, out, valid, positions, gbs):
         self.i, self.start, self.cur = i, start, cur
         self.out, self.valid, self.positions, self.gbs = out, valid, positions, gbs
+
+
+class BlockResult:
+    def __init__(self, ids, logprobs=None, scores=None):
+        self.ids, self.logprobs, self.scores = ids, logprobs, scores
+
+
+class _Block:
+    """The token buffer and per-sequence state of the block being generated."""
+
+    def __init__(self, dev, ids, prompt_mask, T, sampler, stop_ids, pad_id, gbs, want_logprobs, score):
+        B, s0 = ids.shape
+        self.s0, self.gbs, self.pad_id, self.sampler = s0, gbs, pad_id, sampler
+        self.out = torch.full((B, s0 + T), pad_id, dtype=torch.long, device=dev)
+        self.out[:, :s0] = torch.as_tensor(ids, device=dev)
+        self.mask = torch.ones((B, s0 + T), dtype=torch.bool, device=dev)
+        self.mask[:, :s0] = torch.as_tensor(prompt_mask, device=dev)
+        self.stopped = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.stop_t = torch.as_tensor(sorted(stop_ids), device=dev) if stop_ids else None
+        self.logprobs = torch.zeros((B, T), dtype=torch.float32, device=dev) if want_logprobs else None
+        self.score = score
+        self.scores = torch.zeros((B, s0), dtype=torch.float32, device=dev) if score else None
+
+    def finished_batches(self, ngb) -> set:
+        if self.stop_t is None or ngb == 1:
+            return set()
+        done = self.stopped.view(ngb, self.gbs).all(dim=1).tolist()
+        return {k for k, d in enumerate(done) if d}
+
+    def emit(self, logits, k, step):
+        """Choose batch k's next tokens from the head's logits (b, s, V)."""
+        b0, b1 = k * self.gbs, (k + 1) * self.gbs
+        logits = logits.float()
+        if self.scores is not None and step.i == 0:
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            target = self.out[b0:b1, 1:self.s0, None]
+            self.scores[b0:b1, 1:] = logp.gather(-1, target).squeeze(-1)
+        last = logits[:, -1]
+        ids = self.sampler(last)
+        if self.logprobs is not None:  # log-probability under the model (temperature 1)
+            lp = torch.log_softmax(last, dim=-1).gather(-1, ids[:, None]).squeeze(-1)
+        if self.stop_t is not None:
+            done = self.stopped[b0:b1]
+            ids = torch.where(done, torch.full_like(ids, self.pad_id), ids)
+            self.stopped[b0:b1] = done | torch.isin(ids, self.stop_t)
+            if self.logprobs is not None:
+                lp = torch.where(done, torch.zeros_like(lp), lp)
+        if self.logprobs is not None:
+            self.logprobs[b0:b1, step.i] = lp
+        self.out[b0:b1, self.s0 + step.i] = ids
+
+    def result(self) -> BlockResult:
+        cpu = lambda t: None if t is None else t.cpu().numpy()  # noqa: E731
+        return BlockResult(self.out.cpu().numpy(), cpu(self.logprobs), cpu(self.scores))
