@@ -100,7 +100,6 @@ def validate_policy(p: Policy) -> None:
     if not (0 < p.attn_sparsity <= 1):
         raise PolicyError(f"attn_sparsity must be in (0, 1], got {p.attn_sparsity!r}")
     for flag, cfg in (("compress_weight", p.comp_weight_config), ("compress_cache", p.comp_cache_config)):
-        if getattr(p, flag):
-            raise PolicyError(f"{flag.replace('_', '-')}: 4-bit compression is not available in this build yet")
-        if cfg.num_bits not in (4, 8) or cfg.group_size < 1:
-            raise PolicyError(f"{flag}: unsupported compression config {cfg}")
+        if getattr(p, flag) and (cfg.num_bits not in (4, 8) or cfg.group_size < 2 or cfg.group_size % 2):
+            raise PolicyError(f"{flag}: unsupported compression config {cfg} "
+                              "(num_bits 4 or 8, an even group_size)")

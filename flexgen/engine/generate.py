@@ -38,7 +38,8 @@ class LM:
             cache_dir = self._prepare_weight_cache(path)
             read_tensor = lambda file, shape: weight_io.load_cached(cache_dir, file, shape)  # noqa: E731
         self.weights = WeightStore(env, self.layers, policy.percents("weight"), policy.pin_weight,
-                                   self.dtype, read_tensor, progress=progress)
+                                   self.dtype, read_tensor, progress=progress,
+                                   compression=policy.comp_weight_config if policy.compress_weight else None)
         self.runner = BlockRunner(self.layers, env, policy, self.weights, self.dtype)
 
     # ---- weights and tokenizer ----------------------------------------------------------------

@@ -7,63 +7,59 @@ split over heads keeps every head's attention exact on whichever device computes
 from __future__ import annotations
 
 
-from ..memory.placement import TieredBuffer
+import dataclasses
+
+from ..memory.placement import PackedBuffer, TieredBuffer
 
 
 class LayerCache:
-    def __init__(self, env, max_len, batch, kv_heads, head_dim, dtype, percents, name, cpu_compute):
+    def __init__(self, env, max_len, batch, kv_heads, head_dim, dtype, percents, name, cpu_compute,
+                 compression=None):
+        """compression: a CompressionConfig to store the cache group-wise quantised along the
+        head dim (new rows are quantised as they are written), or None."""
         shape = (max_len, batch, kv_heads, head_dim)
         self.env = env
-        self.k = TieredBuffer(env, shape, dtype, percents, split_dim=2, name=f"{name}.k")
-        self.v = TieredBuffer(env, shape, dtype, percents, split_dim=2, name=f"{name}.v")
+        if compression is None:
+            make = lambda tag: TieredBuffer(env, shape, dtype, percents, split_dim=2, name=f"{name}.{tag}")  # noqa
+        else:
+            cfg = dataclasses.replace(compression, group_dim=3)  # our layout's head dim
+            make = lambda tag: PackedBuffer(env, shape, dtype, cfg, percents, split_dim=2,  # noqa: E731
+                                            name=f"{name}.{tag}")
+        self.compressed = compression is not None
+        self.k, self.v = make("k"), make("v")
         # A segment is "resident" when attention runs right where it is stored: new rows are
-        # written in place and the stored rows are used without a copy.
+        # written in place and the stored rows are read there without a transfer.
         self.resident = []
-        for tier, st, _, _ in self.k.segments:
+        for tier in self.k.tiers:
             on_compute = tier == "gpu" or (tier == "cpu" and not env.is_cuda)
             self.resident.append(on_compute or (tier == "cpu" and cpu_compute))
         self.cpu_compute = cpu_compute
         self.ranges = [(a, b) for _, _, a, b in self.k.segments]
 
     def load(self, rows: int):
-        """The first `rows` positions of every non-resident segment, for attention (run in the
-        prefetch thread). Resident segments return None: attention reads them in place."""
-        out = []
-        keep_cpu = self.cpu_compute
-        for i, ((tier, kst, _, _), (_, vst, _, _)) in enumerate(zip(self.k.segments, self.v.segments)):
-            if self.resident[i]:
-                out.append(None)
-                continue
-            out.append((self._load_one(tier, kst, rows, keep_cpu), self._load_one(tier, vst, rows, keep_cpu)))
-        return out
+        """The first `rows` positions of every non-resident segment, for attention (run ahead of
+        compute). Resident segments return None: attention reads them in place."""
+        to_compute = not self.cpu_compute
+        return [None if self.resident[i] else
+                (self.k.read_rows(i, rows, to_compute), self.v.read_rows(i, rows, to_compute))
+                for i in range(len(self.ranges))]
 
-    def _load_one(self, tier, st, rows, keep_cpu):
-        if tier == "disk":
-            return self.env.read_disk(st, 0, rows, to_compute=not keep_cpu)
-        return self.env.to_compute(st[:rows])
+    def resident_rows(self, i: int, rows: int):
+        return self.k.view_rows(i, rows), self.v.view_rows(i, rows)
 
     def write_resident(self, k_rows, v_rows, start):
         """Write new rows (s, b, kv_heads, d) into the resident segments, in place."""
         for i, (a, b) in enumerate(self.ranges):
             if self.resident[i]:
-                n = k_rows.shape[0]
-                kst, vst = self.k.segments[i][1], self.v.segments[i][1]
-                kst[start:start + n].copy_(k_rows[:, :, a:b])
-                vst[start:start + n].copy_(v_rows[:, :, a:b])
+                self.k.write_rows(i, k_rows[:, :, a:b], start, non_blocking=False)
+                self.v.write_rows(i, v_rows[:, :, a:b], start, non_blocking=False)
 
     def store_rest(self, k_rows, v_rows, start):
-        """Write new rows into the non-resident segments (run in the store thread)."""
+        """Write new rows into the non-resident segments (behind compute)."""
         for i, (a, b) in enumerate(self.ranges):
             if not self.resident[i]:
-                tier, kst = self.k.segments[i][0], self.k.segments[i][1]
-                vst = self.v.segments[i][1]
-                for st, rows in ((kst, k_rows), (vst, v_rows)):
-                    part = rows[:, :, a:b]
-                    if tier == "disk":
-                        self.env.write_disk(st, part.contiguous(), start)
-                    else:
-                        st[start:start + part.shape[0]].copy_(part, non_blocking=True)
-
+                self.k.write_rows(i, k_rows[:, :, a:b], start)
+                self.v.write_rows(i, v_rows[:, :, a:b], start)
     @property
     def needs_store(self) -> bool:
         return not all(self.resident)

@@ -87,7 +87,8 @@ class BlockRunner:
             if layer.kind == "attention":
                 for k in range(ngb):
                     caches[(li, k)] = LayerCache(env, s0 + T, gbs, layer.kv_heads, layer.head_dim, self.dtype,
-                                                 p.percents("cache"), f"cache{li}.{k}", p.cpu_cache_compute)
+                                                 p.percents("cache"), f"cache{li}.{k}", p.cpu_cache_compute,
+                                                 p.comp_cache_config if p.compress_cache else None)
         acts = ActivationStore(env, p.percents("act"), self.dtype)
         pending_cache = {}
         try:
@@ -186,9 +187,12 @@ class BlockRunner:
             rep = q.shape[2] // k_new.shape[2]
             outs = []
             for seg, (a, b) in enumerate(cache.ranges):
-                if cache.resident[seg]:
-                    ks = cache.k.segments[seg][1][:step.cur]
-                    vs = cache.v.segments[seg][1][:step.cur]
+                if cache.resident[seg] and not cache.compressed:  # new row already written in place
+                    ks, vs = cache.resident_rows(seg, step.cur)
+                elif cache.resident[seg]:  # past rows unpacked; the new row at full precision
+                    pk, pv = cache.resident_rows(seg, step.start)
+                    ks = torch.cat([pk, k_rows[:, :, a:b].to(pk.device, pk.dtype)], dim=0)
+                    vs = torch.cat([pv, v_rows[:, :, a:b].to(pv.device, pv.dtype)], dim=0)
                 else:
                     pk, pv = loaded[seg]
                     ks = torch.cat([pk, k_rows[:, :, a:b].to(pk.device)], dim=0)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..memory.placement import TieredBuffer, assign_by_size
+from ..memory.placement import PackedBuffer, TieredBuffer, assign_by_size
 
 _POOL = {}
 
@@ -37,16 +37,23 @@ def fill_dummy(dst: torch.Tensor, init: str):
 class WeightStore:
     """homes[j][key] is a TieredBuffer holding one weight tensor of layer j on one tier."""
 
-    def __init__(self, env, layers, percents, pin: bool, dtype, read_tensor=None, progress=True):
-        """read_tensor(file, shape) -> numpy array, or None for dummy weights."""
+    def __init__(self, env, layers, percents, pin: bool, dtype, read_tensor=None, progress=True,
+                 compression=None):
+        """read_tensor(file, shape) -> numpy array, or None for dummy weights. With compression
+        (a CompressionConfig), every matrix is stored group-wise quantised on its tier, moved
+        packed, and unpacked on the compute device when its layer runs; vectors stay as they are."""
         self.env = env
+        self.compressed = compression is not None
         self.homes = []
         for j, layer in enumerate(tqdm(layers, desc="loading weights", disable=not progress, unit="layer")):
             tiers = assign_by_size([math.prod(w.shape) for w in layer.weights], percents)
             home = {}
             for spec, tier in zip(layer.weights, tiers):
                 onehot = tuple(100 if t == tier else 0 for t in ("gpu", "cpu", "disk"))
-                buf = TieredBuffer(env, spec.shape, dtype, onehot, name=spec.file, pin=pin)
+                if compression is not None and len(spec.shape) >= 2:
+                    buf = PackedBuffer(env, spec.shape, dtype, compression, onehot, name=spec.file, pin=pin)
+                else:
+                    buf = TieredBuffer(env, spec.shape, dtype, onehot, name=spec.file, pin=pin)
                 if read_tensor is None:
                     self._fill_dummy(buf, spec)
                 else:
@@ -59,10 +66,12 @@ class WeightStore:
         self._views = {j: self._load(j) for j in range(len(self.homes)) if self.resident(j)}
 
     @staticmethod
-    def _fill_dummy(buf: TieredBuffer, spec):
+    def _fill_dummy(buf, spec):
         tier, storage = buf.segments[0][0], buf.segments[0][1]
-        if tier == "disk":
-            tmp = torch.empty(spec.shape, dtype=buf.dtype)
+        if tier == "disk" or isinstance(buf, PackedBuffer):
+            # packed weights are quantised where the compute is (fast for a 175B dummy model)
+            dev = buf.env.device if isinstance(buf, PackedBuffer) else "cpu"
+            tmp = torch.empty(spec.shape, dtype=buf.dtype, device=dev)
             fill_dummy(tmp, spec.init)
             buf.fill_from(tmp)
         else:
@@ -81,7 +90,8 @@ class WeightStore:
         if j in getattr(self, "_views", ()):
             return True
         compute = ("gpu",) if self.env.is_cuda else ("gpu", "cpu")
-        return all(set(buf.tiers) <= set(compute) for buf in self.homes[j].values())
+        return all(set(buf.tiers) <= set(compute) and not isinstance(buf, PackedBuffer)
+                   for buf in self.homes[j].values())
 
     def on_disk(self, j: int) -> bool:
         return any("disk" in buf.tiers for buf in self.homes[j].values())

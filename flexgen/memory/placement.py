@@ -131,10 +131,90 @@ class TieredBuffer:
             else:
                 st[row_start:row_start + n].copy_(part, non_blocking=True)
 
+    # ---- per-segment row access (the KV cache) ------------------------------------------------
+    def read_rows(self, i: int, rows: int, to_compute: bool = True) -> torch.Tensor:
+        """Rows [0, rows) of segment i, on the compute device (or in host memory)."""
+        tier, st = self.segments[i][:2]
+        if tier == "disk":
+            return self.env.read_disk(st, 0, rows, to_compute=to_compute)
+        t = st[:rows]
+        return self.env.to_compute(t) if tier == "cpu" and to_compute else t
+
+    def view_rows(self, i: int, rows: int) -> torch.Tensor:
+        """Rows [0, rows) of a segment held in memory, without a copy."""
+        return self.segments[i][1][:rows]
+
+    def write_rows(self, i: int, x: torch.Tensor, start: int, non_blocking: bool = True):
+        tier, st = self.segments[i][:2]
+        if tier == "disk":
+            self.env.write_disk(st, x.contiguous(), start)
+        else:
+            st[start:start + x.shape[0]].copy_(x, non_blocking=non_blocking)
+
     def close(self):
         for tier, st, _, _ in self.segments:
             if tier == "disk":
                 st.close()
+        self.segments = []
+
+
+class PackedBuffer:
+    """A TieredBuffer of group-wise quantised values: the packed data and its scales (and
+    minimums) are split alike and stored on the same tiers, so only packed bytes are moved; values
+    are unpacked on whatever device reads them."""
+
+    def __init__(self, env, shape, dtype, config, percents=(100, 0, 0), split_dim=0, name="t", pin=True):
+        from .compression import check_config, packed_shapes
+        check_config(config)
+        self.env, self.shape, self.dtype, self.config, self.split_dim = env, tuple(shape), dtype, config, split_dim
+        dims = packed_shapes(shape, config)
+        kinds = (torch.uint8, torch.float16, torch.float16)
+        self.parts = [TieredBuffer(env, s, k, percents, split_dim, f"{name}.{tag}", pin)
+                      for s, k, tag in zip(dims, kinds, ("q", "scale", "min")) if s is not None]
+        self.segments = self.parts[0].segments
+        self._seg_shapes = []
+        for _, _, a, b in self.segments:
+            seg = list(self.shape)
+            seg[split_dim] = b - a
+            self._seg_shapes.append(seg)
+
+    @property
+    def tiers(self):
+        return self.parts[0].tiers
+
+    def nbytes_on(self, tier: str) -> int:
+        return sum(p.nbytes_on(tier) for p in self.parts)
+
+    def _unpack(self, parts, shape) -> torch.Tensor:
+        from .compression import Packed, decompress
+        mn = parts[2] if len(parts) == 3 else None
+        return decompress(Packed(parts[0], parts[1], mn, tuple(shape), self.config), self.dtype)
+
+    def fill_from(self, src: torch.Tensor):
+        from .compression import compress
+        for part, t in zip(self.parts, compress(src.to(self.env.device), self.config).parts()):
+            part.fill_from(t)
+
+    def load_joined(self, rows: int | None = None) -> torch.Tensor:
+        assert rows is None
+        return self._unpack([p.load_joined() for p in self.parts], self.shape)
+
+    def read_rows(self, i: int, rows: int, to_compute: bool = True) -> torch.Tensor:
+        shape = [rows] + self._seg_shapes[i][1:]
+        return self._unpack([p.read_rows(i, rows, to_compute) for p in self.parts], shape)
+
+    def view_rows(self, i: int, rows: int) -> torch.Tensor:
+        shape = [rows] + self._seg_shapes[i][1:]
+        return self._unpack([p.view_rows(i, rows) for p in self.parts], shape)
+
+    def write_rows(self, i: int, x: torch.Tensor, start: int, non_blocking: bool = True):
+        from .compression import compress
+        for part, t in zip(self.parts, compress(x, self.config).parts()):
+            part.write_rows(i, t, start, non_blocking)
+
+    def close(self):
+        for p in self.parts:
+            p.close()
         self.segments = []
 
 

@@ -1,0 +1,103 @@
+"""Group-wise quantisation (FlexGen's 4-bit compression, and 8-bit): pack and unpack.
+
+A tensor is cut into groups of `group_size` consecutive values along `group_dim` (padded at the
+end of that dim). Asymmetric: per group min and scale = (max - min) / (2^bits - 1), value =
+min + q * scale. Symmetric: scale = max|x| / (2^(bits-1) - 1), value = (q - 2^(bits-1)) * scale.
+4-bit values are packed two per byte. The packed form is (data uint8, scale fp16, min fp16) with
+the groups on the last axis, so the first dims keep their meaning (rows of a KV cache stay rows).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..policy import CompressionConfig
+
+
+@dataclass
+class Packed:
+    data: torch.Tensor          # (..., groups, group_size * bits / 8) uint8
+    scale: torch.Tensor         # (..., groups, 1) fp16
+    mn: torch.Tensor | None     # (..., groups, 1) fp16; None when symmetric
+    shape: tuple                # the original shape
+    config: CompressionConfig
+
+    def parts(self):
+        return [t for t in (self.data, self.scale, self.mn) if t is not None]
+
+    def with_parts(self, parts) -> "Packed":
+        mn = parts[2] if self.mn is not None else None
+        return Packed(parts[0], parts[1], mn, self.shape, self.config)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts())
+
+
+def packed_shapes(shape, cfg: CompressionConfig):
+    """Shapes of (data, scale, min) for a tensor of `shape` (group dim moved last)."""
+    dim = cfg.group_dim % len(shape)
+    rest = [s for i, s in enumerate(shape) if i != dim]
+    groups = -(-shape[dim] // cfg.group_size)
+    per_byte = 8 // cfg.num_bits
+    data = tuple(rest) + (groups, cfg.group_size // per_byte)
+    meta = tuple(rest) + (groups, 1)
+    return data, meta, (None if cfg.symmetric else meta)
+
+
+def check_config(cfg: CompressionConfig):
+    if cfg.num_bits not in (4, 8):
+        raise ValueError(f"num_bits must be 4 or 8, got {cfg.num_bits}")
+    if cfg.group_size < 2 or cfg.group_size % 2:
+        raise ValueError(f"group_size must be an even number >= 2, got {cfg.group_size}")
+
+
+def _grouped(x: torch.Tensor, cfg: CompressionConfig):
+    dim = cfg.group_dim % x.dim()
+    x = x.movedim(dim, -1)
+    n = x.shape[-1]
+    pad = (-n) % cfg.group_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, cfg.group_size)
+
+
+def compress(x: torch.Tensor, cfg: CompressionConfig) -> Packed:
+    """Quantise x (any float dtype) on its own device."""
+    g = _grouped(x.float(), cfg)
+    levels = (1 << cfg.num_bits) - 1
+    if cfg.symmetric:
+        half = 1 << (cfg.num_bits - 1)
+        scale = g.abs().amax(-1, keepdim=True) / (half - 1)
+        scale = scale.to(torch.float16).float().clamp_min(1e-8)
+        q = (torch.round(g / scale) + half).clamp(0, levels)
+        mn = None
+    else:
+        mn = g.amin(-1, keepdim=True).to(torch.float16).float()
+        scale = ((g.amax(-1, keepdim=True) - mn) / levels).to(torch.float16).float().clamp_min(1e-8)
+        q = torch.round((g - mn) / scale).clamp(0, levels)
+    q = q.to(torch.uint8)
+    if cfg.num_bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return Packed(q.contiguous(), scale.to(torch.float16), None if mn is None else mn.to(torch.float16),
+                  tuple(x.shape), cfg)
+
+
+def decompress(p: Packed, dtype=None, shape=None) -> torch.Tensor:
+    """The values back, in `dtype`, on the device of p.data. `shape` overrides the leading dims
+    (a row slice of a packed KV cache)."""
+    cfg = p.config
+    q = p.data
+    if cfg.num_bits == 4:
+        q = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(*q.shape[:-1], q.shape[-1] * 2)
+    scale = p.scale.float()
+    if cfg.symmetric:
+        x = (q.float() - (1 << (cfg.num_bits - 1))) * scale
+    else:
+        x = q.float() * scale + p.mn.float()
+    shape = tuple(p.shape if shape is None else shape)
+    dim = cfg.group_dim % len(shape)
+    moved = [s for i, s in enumerate(shape) if i != dim] + [shape[dim]]
+    x = x.reshape(*x.shape[:-2], -1)[..., :shape[dim]].reshape(moved)
+    return x.movedim(-1, dim).to(dtype or torch.float16)
