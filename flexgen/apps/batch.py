@@ -1,0 +1,452 @@
+"""Run a file of prompts through the engine without ever losing or duplicating work.
+
+    python3 -m flexgen.apps.batch --model smollm2-135m --input prompts.jsonl --output results.jsonl
+
+Input: one JSON object a line, {"id": "a1", "prompt": "...", "max_new_tokens": 32, "temperature": 0,
+"top_p": 1.0, "stop": ["\\n"]}; only id (string or integer) and prompt are required. max_new_tokens
+defaults to --gen-len, temperature to 0 (greedy). Output: one JSON object a line, {"id",
+"completion", "prompt_tokens", "completion_tokens", "finish_reason"} (plus "logprobs" with
+--logprobs), in the order requests finish.
+
+Safety: requests with the same sampling parameters are sorted by length and run in chunks of
+--chunk-blocks blocks of gpu_batch_size x num_gpu_batches; each chunk's lines are appended in one
+write, flushed and fsync'ed. A rerun of the same command skips the ids already in the output, so a
+crash or kill loses at most the chunk in flight; a partial last line left by a crash is cut off
+first. Sampled chunks are seeded from --seed and the chunk's ids, so a resumed run samples what
+the uninterrupted run would have. Malformed input lines are reported with their line numbers and
+skipped (--strict: exit 2); duplicate ids are an error before anything runs.
+
+From Python:
+
+    from flexgen.apps.batch import run_batch
+    summary = run_batch(lm, [{"id": 1, "prompt": "Paris is"}], "results.jsonl")
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+
+from ..cli import add_arguments, policy_from_args, positive_int
+from ..engine.generate import GenerationError
+from ..models.registry import EMBEDDED_DEFAULT
+from ..text import encode_prompts, generate_text
+from .completion import USER_ERRORS, load_model
+
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+class BatchInputError(ValueError):
+    """A malformed request, duplicate ids, or an unreadable input file (message meant for the user)."""
+
+
+class BatchOutputError(ValueError):
+    """An output file that is not a results file this runner can safely append to."""
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str | int
+    prompt: str
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple = ()
+    line: int | None = None          # input line number, for messages
+
+    @property
+    def key(self) -> str:
+        return id_key(self.id)
+
+    @property
+    def params(self) -> tuple:
+        return (self.max_new_tokens, self.temperature, self.top_p, self.stop)
+
+    def where(self) -> str:
+        return f"line {self.line}: id {self.key}" if self.line is not None else f"id {self.key}"
+
+
+def id_key(value) -> str:
+    """Ids compare as their JSON text: 7 and "7" are different ids."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _json_type(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    return "an object" if isinstance(v, dict) else type(v).__name__
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def parse_request(obj, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, line: int | None = None) -> Request:
+    """A Request from one input object; BatchInputError says what is wrong with it. Fields other
+    than id, prompt, max_new_tokens, temperature, top_p and stop are ignored."""
+    if isinstance(obj, Request):
+        return obj
+    if not isinstance(obj, dict):
+        raise BatchInputError(f"expected a JSON object, got {_json_type(obj)}")
+    if "id" not in obj:
+        raise BatchInputError('missing "id"')
+    rid = obj["id"]
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise BatchInputError(f'"id" must be a string or an integer, got {_json_type(rid)}')
+    if "prompt" not in obj:
+        raise BatchInputError(f'id {id_key(rid)}: missing "prompt"')
+    prompt = obj["prompt"]
+    if not isinstance(prompt, str):
+        raise BatchInputError(f'id {id_key(rid)}: "prompt" must be a string, got {_json_type(prompt)}')
+    if not prompt:
+        raise BatchInputError(f'id {id_key(rid)}: "prompt" is empty')
+
+    def field(name, default, ok, expected):
+        v = obj.get(name)
+        if v is None:
+            return default
+        if not ok(v):
+            raise BatchInputError(f'id {id_key(rid)}: "{name}" must be {expected}, got {json.dumps(v)[:40]}')
+        return v
+
+    max_new = field("max_new_tokens", default_max_new_tokens,
+                    lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")
+    temperature = field("temperature", 0.0, lambda v: _is_number(v) and v >= 0, "a number >= 0")
+    top_p = field("top_p", 1.0, lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+    stop = field("stop", (), lambda v: isinstance(v, str) or (isinstance(v, list) and all(
+        isinstance(s, str) for s in v)), "a string or a list of strings")
+    stop = (stop,) if isinstance(stop, str) else tuple(sorted(set(s for s in stop if s)))
+    return Request(rid, prompt, max_new, float(temperature), float(top_p), stop, line)
+
+
+def read_requests(path, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+    """(requests, problems) from a JSONL file: problems are (line number, message) for malformed
+    lines, which are left out. Blank lines are ignored. Duplicate ids (on any line that has a
+    usable id) raise BatchInputError naming the id and both line numbers."""
+    try:
+        with open(path, "rb") as f:
+            raw_lines = f.read().split(b"\n")
+    except OSError as e:
+        raise BatchInputError(f"cannot read {path}: {e.strerror or e}") from None
+    requests, problems, first_line = [], [], {}
+    duplicates = []
+    for n, raw in enumerate(raw_lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            problems.append((n, "not UTF-8 text"))
+            continue
+        except ValueError as e:
+            problems.append((n, f"not valid JSON ({e})"))
+            continue
+        rid = obj.get("id") if isinstance(obj, dict) else None
+        if isinstance(rid, (str, int)) and not isinstance(rid, bool):
+            key = id_key(rid)
+            if key in first_line:
+                duplicates.append((key, first_line[key], n))
+            else:
+                first_line[key] = n
+        try:
+            requests.append(parse_request(obj, default_max_new_tokens, line=n))
+        except BatchInputError as e:
+            problems.append((n, str(e)))
+    if duplicates:
+        shown = "; ".join(f"id {k} on lines {a} and {b}" for k, a, b in duplicates[:5])
+        more = f" (and {len(duplicates) - 5} more)" if len(duplicates) > 5 else ""
+        raise BatchInputError(f"duplicate ids in {path}: {shown}{more}")
+    return requests, problems
+
+
+# ---- the output file -------------------------------------------------------------------------
+
+def _result_id(line: bytes):
+    """The id key of a complete result line, or None if it is not one."""
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except ValueError:  # includes UnicodeDecodeError
+        return None
+    if not isinstance(obj, dict) or "id" not in obj:
+        return None
+    return id_key(obj["id"])
+
+
+def load_done(path, repair: bool = True, log=None) -> set:
+    """Id keys already in the results file. A crash can leave a partial last line (no newline, or
+    not valid JSON): with repair, the file is truncated to its last complete result line. A bad
+    line before good ones is not a crash artefact: BatchOutputError, and the file is left alone."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return set()
+    except OSError as e:
+        raise BatchOutputError(f"cannot read {path}: {e.strerror or e}") from None
+    lines = data.split(b"\n")
+    lines.pop()                             # after the last newline: b"" when the file ends cleanly
+    ids, good_len, bad, pos = [], 0, [], 0
+    for n, line in enumerate(lines, start=1):
+        pos += len(line) + 1
+        if not line.strip():
+            if not bad:
+                good_len = pos
+            continue
+        key = _result_id(line)
+        if key is None:
+            bad.append(n)
+            continue
+        if bad:
+            raise BatchOutputError(f"{path} line {bad[0]} is not a result line, and results follow it; "
+                                   "fix or move the file (nothing was changed)")
+        ids.append(key)
+        good_len = pos
+    if good_len < len(data):
+        what = f"{len(data) - good_len} bytes of a partial last line"
+        if not repair:
+            raise BatchOutputError(f"{path} ends with {what}")
+        with open(path, "r+b") as f:
+            f.truncate(good_len)
+            f.flush()
+            os.fsync(f.fileno())
+        (log or _stderr)(f"repaired {path}: removed {what} (left by an interrupted run)")
+    return set(ids)
+
+
+@contextlib.contextmanager
+def _locked_output(path):
+    """The results file opened for appending (created if missing, its directory entry synced),
+    with an exclusive lock so that two runs cannot interleave lines."""
+    created = not os.path.exists(path)
+    try:
+        f = open(path, "ab")
+    except OSError as e:
+        raise BatchOutputError(f"cannot open {path} for appending: {e.strerror or e}") from None
+    try:
+        if created:
+            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        try:
+            import fcntl
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock
+            pass
+        except OSError:
+            raise BatchOutputError(f"{path} is being written by another run") from None
+        yield f
+    finally:
+        f.close()
+
+
+def _fsync_dir(d):
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _stderr(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _finite(x: float):
+    return float(x) if math.isfinite(x) else None
+
+
+def chunk_seed(seed: int, keys) -> int:
+    """A sampled chunk's seed: the same chunk of ids gets the same seed in every run."""
+    return zlib.crc32(json.dumps([seed, list(keys)]).encode()) & 0x7FFFFFFF
+
+
+# ---- the runner --------------------------------------------------------------------------------
+
+def run_batch(lm, requests, output_path, logprobs: bool = False, chunk_blocks: int = 1, progress: bool = True,
+              seed: int = 0, chat: bool = False, strict: bool = False,
+              default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, log=None) -> dict:
+    """Run requests (dicts in the input format, or Requests) whose ids are not yet in
+    output_path, appending each chunk's results durably. Returns a summary dict.
+
+    A request too long for the model's context is reported through log (stderr by default) and
+    skipped; with strict it raises BatchInputError before anything runs, as malformed requests
+    and duplicate ids always do."""
+    log = log or _stderr
+    if chunk_blocks < 1:
+        raise BatchInputError(f"chunk_blocks must be >= 1, got {chunk_blocks}")
+    reqs, first = [], {}
+    for i, r in enumerate(requests):
+        try:
+            req = parse_request(r, default_max_new_tokens)
+        except BatchInputError as e:
+            raise BatchInputError(f"request {i}: {e}") from None
+        if req.key in first:
+            raise BatchInputError(f"duplicate id {req.key} (requests {first[req.key]} and {i})")
+        first[req.key] = i
+        reqs.append(req)
+    tok = lm.tokenizer
+    if tok is None:
+        raise GenerationError("this model has no tokenizer: the batch runner needs one for text prompts")
+
+    start = time.perf_counter()
+    summary = {"output": str(output_path), "requests": len(reqs), "already_done": 0, "prompts": 0,
+               "invalid": [], "prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0}
+    with _locked_output(output_path) as out:
+        done = load_done(output_path, repair=True, log=log)
+        pending = [r for r in reqs if r.key not in done]
+        summary["already_done"] = len(reqs) - len(pending)
+
+        # Context check up front, so that one long prompt cannot stop the run halfway.
+        lengths = [len(t) for t in encode_prompts(tok, [r.prompt for r in pending], chat)]
+        limit = lm.info.max_seq_len
+        runnable, problems = [], []
+        for r, n in zip(pending, lengths):
+            if n == 0:
+                problems.append((r, "the prompt has no tokens"))
+            elif n + r.max_new_tokens > limit:
+                problems.append((r, f"{n} prompt tokens + {r.max_new_tokens} new tokens exceed the model's "
+                                    f"context of {limit} positions"))
+            else:
+                runnable.append((r, n))
+        if problems and strict:
+            raise BatchInputError("; ".join(f"{r.where()}: {m}" for r, m in problems))
+        for r, m in problems:
+            log(f"{r.where()}: {m}; skipped")
+        summary["invalid"] = [r.id for r, _ in problems]
+
+        # Same sampling parameters together (in order of first appearance), sorted by length.
+        groups: dict[tuple, list] = {}
+        for pos, (r, n) in enumerate(runnable):
+            groups.setdefault(r.params, []).append((n, pos, r))
+        chunk = chunk_blocks * lm.policy.block_size
+        plan = []
+        for items in groups.values():
+            items.sort(key=lambda x: (x[0], x[1]))
+            rs = [r for _, _, r in items]
+            plan += [rs[i:i + chunk] for i in range(0, len(rs), chunk)]
+
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(reqs) - len(problems), initial=summary["already_done"], unit="prompt",
+                       desc="batch", file=sys.stderr, dynamic_ncols=True)
+        try:
+            for part in plan:
+                r0 = part[0]
+                sample = r0.temperature > 0
+                comps = generate_text(lm, [r.prompt for r in part], max_new_tokens=r0.max_new_tokens,
+                                      do_sample=sample, temperature=r0.temperature if sample else 1.0,
+                                      top_p=r0.top_p, seed=chunk_seed(seed, [r.key for r in part]) if sample else None,
+                                      stop=list(r0.stop) or None, chat=chat, logprobs=logprobs)
+                lines = []
+                for r, c in zip(part, comps):
+                    rec = {"id": r.id, "completion": c.text, "prompt_tokens": c.prompt_tokens,
+                           "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason}
+                    if logprobs:
+                        rec["logprobs"] = [_finite(x) for x in (c.logprobs or [])]
+                    lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+                    summary["prompt_tokens"] += c.prompt_tokens
+                    summary["generated_tokens"] += c.completion_tokens
+                try:
+                    out.write("".join(lines).encode("utf-8"))
+                    out.flush()
+                    os.fsync(out.fileno())
+                except OSError as e:  # a full disk, a vanished file system: earlier chunks are safe
+                    raise BatchOutputError(f"cannot write {output_path}: {e.strerror or e}") from e
+                done.update(r.key for r in part)
+                summary["prompts"] += len(part)
+                if bar is not None:
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"{summary['generated_tokens'] / elapsed:.1f} tok/s", refresh=False)
+                    bar.update(len(part))
+        finally:
+            if bar is not None:
+                bar.close()
+            summary["seconds"] = time.perf_counter() - start
+            summary["tokens_per_s"] = summary["generated_tokens"] / max(summary["seconds"], 1e-9)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    extra = f", {len(s['invalid'])} skipped as too long" if s["invalid"] else ""
+    return (f"batch: {s['prompts']} prompts done ({s['already_done']} already in {s['output']}{extra}), "
+            f"{s['generated_tokens']} generated tokens in {s['seconds']:.2f} s: {s['tokens_per_s']:.2f} tokens/s")
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python3 -m flexgen.apps.batch",
+        description="Run a JSONL file of prompts; results are appended durably and a rerun resumes.",
+        epilog="--gen-len is the default max_new_tokens. --prompt-len, --cut-gen-len, --debug-mode and the "
+               "log flags are accepted for compatibility and not used.")
+    add_arguments(parser, EMBEDDED_DEFAULT, None)
+    parser.add_argument("--input", required=True, help="JSONL file of requests")
+    parser.add_argument("--output", required=True, help="JSONL results file (appended to; a rerun resumes)")
+    parser.add_argument("--logprobs", action="store_true", help="add the log-probability of each generated token")
+    parser.add_argument("--strict", action="store_true", help="fail (exit 2) on malformed or too long requests")
+    parser.add_argument("--seed", type=int, default=0, help="base seed for sampled requests")
+    parser.add_argument("--chunk-blocks", type=positive_int, default=1,
+                        help="blocks (gpu_batch_size x num_gpu_batches prompts) per durable write")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_cli(args) -> dict:
+    if args.prompt:
+        raise BatchInputError("--prompt is not used by the batch runner: prompts come from --input")
+    requests, problems = read_requests(args.input, args.gen_len)
+    for n, msg in problems:
+        _stderr(f"{args.input}: line {n}: {msg}" + ("" if args.strict else "; skipped"))
+    if problems and args.strict:
+        raise BatchInputError(f"{len(problems)} malformed line(s) in {args.input} (--strict)")
+    policy = policy_from_args(args)
+    with _locked_output(args.output):
+        done = load_done(args.output, repair=True)
+    if all(r.key in done for r in requests):  # nothing to do: don't load the model
+        n = len(requests)
+        return {"output": args.output, "requests": n, "already_done": n, "prompts": 0, "invalid": [],
+                "prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0}
+    lm, env = load_model(args, policy)
+    try:
+        return run_batch(lm, requests, args.output, logprobs=args.logprobs, chunk_blocks=args.chunk_blocks,
+                         progress=not args.no_progress, seed=args.seed, chat=args.chat, strict=args.strict)
+    finally:
+        lm.close()
+        env.close_copy_threads()
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run_cli(args)
+    except USER_ERRORS + (BatchInputError, BatchOutputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished chunks are in {args.output}; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+    print(format_summary(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
