@@ -59,6 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str, default_p
     parser.add_argument("--attn-sparsity", type=float, default=1.0)
     parser.add_argument("--compress-weight", action="store_true", help="4-bit group-wise weight compression")
     parser.add_argument("--compress-cache", action="store_true", help="4-bit group-wise cache compression")
+    parser.add_argument("--comp-bits", type=int, choices=[4, 8], default=4, help="bits per compressed value")
+    parser.add_argument("--comp-weight-group", type=positive_int, default=64,
+                        help="weight compression group size (FlexGen: 64)")
+    parser.add_argument("--comp-weight-dim", type=int, choices=[0, 1], default=0,
+                        help="weight matrix (out, in) dim the groups run along (FlexGen: 0; 1 matches GGUF blocks)")
+    parser.add_argument("--comp-cache-group", type=positive_int, default=64,
+                        help="KV cache compression group size, along the head dim (FlexGen: 64)")
     parser.add_argument("--log-file", type=str, default="auto")
     parser.add_argument("--no-log", action="store_true")
     parser.add_argument("--verbose", type=int, default=2)
@@ -76,9 +83,11 @@ def policy_from_args(args) -> Policy:
                   overlap=args.overlap, sep_layer=args.sep_layer, pin_weight=args.pin_weight,
                   cpu_cache_compute=args.cpu_cache_compute, attn_sparsity=args.attn_sparsity,
                   compress_weight=args.compress_weight,
-                  comp_weight_config=CompressionConfig(num_bits=4, group_size=64, group_dim=0, symmetric=False),
+                  comp_weight_config=CompressionConfig(num_bits=args.comp_bits, group_size=args.comp_weight_group,
+                                                       group_dim=args.comp_weight_dim, symmetric=False),
                   compress_cache=args.compress_cache,
-                  comp_cache_config=CompressionConfig(num_bits=4, group_size=64, group_dim=2, symmetric=False))
+                  comp_cache_config=CompressionConfig(num_bits=args.comp_bits, group_size=args.comp_cache_group,
+                                                      group_dim=2, symmetric=False))
 
 
 def get_filename(args, prefix: str) -> str:
@@ -215,20 +224,47 @@ def run(args, lm_class, log_prefix: str):
         env.close_copy_threads()  # also removes this run's offload files
 
 
-def main(lm_class, default_model, default_path, log_prefix, argv=None):
+def lm_class_for(model):
+    """OptLM or LlamaLM, whichever family the model (name, directory, .gguf) belongs to."""
+    from .models.registry import resolve_model
+    if resolve_model(model).family.family == "opt":
+        from .flex_opt import OptLM
+        return OptLM
+    from .flex_llama import LlamaLM
+    return LlamaLM
+
+
+def open_model(args):
+    """(env, model) from the shared flags, for the apps; the caller closes both."""
+    policy = policy_from_args(args)
+    cls = lm_class_for(args.model)
+    env = ExecutionEnv.create(args.offload_dir, device=args.device)
+    try:
+        return env, cls(args.model, env, args.path, policy, progress=args.verbose >= 1)
+    except BaseException:
+        env.close_copy_threads()
+        raise
+
+
+def main_errors(fn, extra=()):
+    """Run fn; a user error ends the process with one `error:` line and exit status 2."""
     from .engine.generate import GenerationError
     from .memory.disk import DiskFullError
     from .models.registry import ModelNotFound
     from .weights import WeightsError
 
-    parser = argparse.ArgumentParser(prog=f"python3 -m {lm_class.__module__}")
-    add_arguments(parser, default_model, default_path)
-    args = parser.parse_args(argv)
     try:
-        run(args, lm_class, log_prefix)
-    except (PolicyError, ModelNotFound, WeightsError, GenerationError, DiskFullError) as e:
+        return fn()
+    except (PolicyError, ModelNotFound, WeightsError, GenerationError, DiskFullError, *extra) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def main(lm_class, default_model, default_path, log_prefix, argv=None):
+    parser = argparse.ArgumentParser(prog=f"python3 -m {lm_class.__module__}")
+    add_arguments(parser, default_model, default_path)
+    args = parser.parse_args(argv)
+    main_errors(lambda: run(args, lm_class, log_prefix))

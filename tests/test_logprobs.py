@@ -84,3 +84,20 @@ def test_finished_gpu_batch_is_skipped_and_block_ends(zoo, open_lm):
     finished_at = max(next(i for i, t in enumerate(free[r, 8:].tolist()) if t in stops) for r in (0, 1))
     later_batch0 = [c for c in computed if c[1] == 0 and c[0] > finished_at]
     assert not later_batch0, "a finished GPU batch was computed again"
+
+
+@pytest.mark.parametrize("placement", ["all_compute", "mixed_ngb3", "cache_split_cpu_attn"])
+def test_score_continuation_equals_reference(zoo, open_lm, placement):
+    """Teacher-forced continuation log-probabilities through the decode path."""
+    name = "llama-tiny-gqa"
+    family, kw = tiny_models.SPECS[name]
+    pad = tiny_models.pad_id_of(name)
+    policy = tiny_models.make_policy(placement)
+    prompts = tiny_models.make_prompts(policy.block_size, 6, kw["vocab_size"], pad, seed=5)
+    cont = np.random.default_rng(0).integers(3, kw["vocab_size"], size=(len(prompts), 5))
+    with open_lm(name, policy) as lm:
+        lp = lm.score_continuation(prompts, cont)
+    full = np.concatenate([prompts, cont], axis=1)
+    ref = torch.log_softmax(tiny_models.teacher_forced_logits(zoo.reference(name), family, full, 6, pad), -1)
+    expected = ref[:, 5:-1].gather(-1, torch.as_tensor(cont)[..., None]).squeeze(-1).numpy()
+    np.testing.assert_allclose(lp, expected, atol=1e-4)

@@ -129,18 +129,36 @@ class LM:
         prev_real = np.concatenate([np.zeros((len(ids), 1), bool), mask[:, :-1]], axis=1)
         return np.where(mask & prev_real, scores, 0.0)
 
-    def _run_blocks(self, ids, mask, steps, sampler, stop_ids, on_step, **kw):
+    def score_continuation(self, inputs, continuation, attention_mask=None) -> np.ndarray:
+        """Log-probabilities (num_prompts, continuation_len) of given continuation tokens, fed
+        through the decode path one step at a time (teacher forcing), so a compressed or offloaded
+        KV cache is exercised exactly as in generation."""
+        cont = np.asarray(continuation, dtype=np.int64)
+        ids = self._check_inputs(inputs, cont.shape[1])
+        mask = ids != self.info.pad_token_id if attention_mask is None else \
+            np.asarray(attention_mask, dtype=bool).reshape(ids.shape)
+        if cont.shape[0] != ids.shape[0] or cont.min() < 0 or cont.max() >= self.info.vocab_size:
+            raise GenerationError("continuation must have one row of valid token ids per prompt")
+        sampler = Sampler(SamplingParams(), self.env.device)
+        results = self._run_blocks(ids, mask, cont.shape[1], sampler, None, None, want_logprobs=True, forced=cont)
+        return np.concatenate([r.logprobs for r in results])
+
+    def _run_blocks(self, ids, mask, steps, sampler, stop_ids, on_step, forced=None, **kw):
         """Run the prompts in blocks of gpu_batch_size x num_gpu_batches."""
         self.runner.timings = {"prefill": [], "decode": []}
         block = self.policy.block_size
         results = []
         for b in range(0, len(ids), block):
             part, part_mask = ids[b:b + block], mask[b:b + block]
+            part_forced = None if forced is None else forced[b:b + block]
             n = len(part)
             if n < block:  # a short last block: fill it with copies of its first prompt
                 part = np.concatenate([part, np.repeat(part[:1], block - n, axis=0)])
                 part_mask = np.concatenate([part_mask, np.repeat(part_mask[:1], block - n, axis=0)])
-            r = self.runner.run(part, part_mask, steps, sampler, stop_ids, self.info.pad_token_id, on_step, **kw)
+                if part_forced is not None:
+                    part_forced = np.concatenate([part_forced, np.repeat(part_forced[:1], block - n, axis=0)])
+            r = self.runner.run(part, part_mask, steps, sampler, stop_ids, self.info.pad_token_id, on_step,
+                                forced=part_forced, **kw)
             for name in ("ids", "logprobs", "scores"):
                 if getattr(r, name) is not None:
                     setattr(r, name, getattr(r, name)[:n])

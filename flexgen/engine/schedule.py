@@ -73,7 +73,7 @@ class BlockRunner:
 
     # ---- one block of gpu_batch_size x num_gpu_batches sequences -----------------------------
     def run(self, ids: np.ndarray, prompt_mask: np.ndarray, max_new_tokens: int, sampler, stop_ids, pad_id: int,
-            on_step=None, want_logprobs: bool = False, score: bool = False) -> "BlockResult":
+            on_step=None, want_logprobs: bool = False, score: bool = False, forced=None) -> "BlockResult":
         """Generate max_new_tokens for one block. With score, the head also runs over every prompt
         position and the log-probability of each prompt token given the ones before is returned."""
         env, p = self.env, self.policy
@@ -81,7 +81,7 @@ class BlockRunner:
         T = max_new_tokens
         gbs, ngb = p.gpu_batch_size, p.num_gpu_batches
         assert B == gbs * ngb
-        blk = _Block(env.device, ids, prompt_mask, T, sampler, stop_ids, pad_id, gbs, want_logprobs, score)
+        blk = _Block(env.device, ids, prompt_mask, T, sampler, stop_ids, pad_id, gbs, want_logprobs, score, forced)
         caches = {}
         for li, layer in enumerate(self.layers):
             if layer.kind == "attention":
@@ -224,7 +224,7 @@ class BlockResult:
 class _Block:
     """The token buffer and per-sequence state of the block being generated."""
 
-    def __init__(self, dev, ids, prompt_mask, T, sampler, stop_ids, pad_id, gbs, want_logprobs, score):
+    def __init__(self, dev, ids, prompt_mask, T, sampler, stop_ids, pad_id, gbs, want_logprobs, score, forced):
         B, s0 = ids.shape
         self.s0, self.gbs, self.pad_id, self.sampler = s0, gbs, pad_id, sampler
         self.out = torch.full((B, s0 + T), pad_id, dtype=torch.long, device=dev)
@@ -236,6 +236,8 @@ class _Block:
         self.logprobs = torch.zeros((B, T), dtype=torch.float32, device=dev) if want_logprobs else None
         self.score = score
         self.scores = torch.zeros((B, s0), dtype=torch.float32, device=dev) if score else None
+        # Teacher forcing: the tokens to feed instead of sampling (their logprobs are recorded).
+        self.forced = None if forced is None else torch.as_tensor(forced, dtype=torch.long, device=dev)
 
     def finished_batches(self, ngb) -> set:
         if self.stop_t is None or ngb == 1:
@@ -252,7 +254,7 @@ class _Block:
             target = self.out[b0:b1, 1:self.s0, None]
             self.scores[b0:b1, 1:] = logp.gather(-1, target).squeeze(-1)
         last = logits[:, -1]
-        ids = self.sampler(last)
+        ids = self.sampler(last) if self.forced is None else self.forced[b0:b1, step.i]
         if self.logprobs is not None:  # log-probability under the model (temperature 1)
             lp = torch.log_softmax(last, dim=-1).gather(-1, ids[:, None]).squeeze(-1)
         if self.stop_t is not None:

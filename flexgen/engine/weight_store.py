@@ -50,7 +50,9 @@ class WeightStore:
             home = {}
             for spec, tier in zip(layer.weights, tiers):
                 onehot = tuple(100 if t == tier else 0 for t in ("gpu", "cpu", "disk"))
-                if compression is not None and len(spec.shape) >= 2:
+                # Embedding tables and the output head stay uncompressed: they are a small share
+                # of a large model's bytes, and quantising the head costs the most accuracy.
+                if compression is not None and len(spec.shape) >= 2 and layer.kind in ("attention", "mlp"):
                     buf = PackedBuffer(env, spec.shape, dtype, compression, onehot, name=spec.file, pin=pin)
                 else:
                     buf = TieredBuffer(env, spec.shape, dtype, onehot, name=spec.file, pin=pin)
