@@ -224,8 +224,20 @@ def run(args, lm_class, log_prefix: str):
         env.close_copy_threads()  # also removes this run's offload files
 
 
+DEFAULT_PATHS = {"opt": "~/opt_weights", "llama": "~/llama_weights"}
+
+
+def user_errors() -> tuple:
+    """The exceptions that carry a message for the user: one `error:` line, exit status 2."""
+    from .engine.generate import GenerationError
+    from .memory.disk import DiskFullError
+    from .models.registry import ModelNotFound
+    from .weights import WeightsError
+    return (PolicyError, ModelNotFound, WeightsError, GenerationError, DiskFullError)
+
+
 def lm_class_for(model):
-    """OptLM or LlamaLM, whichever family the model (name, directory, .gguf) belongs to."""
+    """OptLM or LlamaLM, whichever family the model (name, directory, .gguf, config) belongs to."""
     from .models.registry import resolve_model
     if resolve_model(model).family.family == "opt":
         from .flex_opt import OptLM
@@ -234,28 +246,31 @@ def lm_class_for(model):
     return LlamaLM
 
 
-def open_model(args):
-    """(env, model) from the shared flags, for the apps; the caller closes both."""
-    policy = policy_from_args(args)
+def open_model(args, policy=None, need_tokenizer: bool = False):
+    """(model, env) from the shared flags, for the apps (weights cached under --path, default: the
+    family's FlexGen default). The caller closes both: model.close(); env.close_copy_threads()."""
+    from .weights import WeightsError
+    policy = policy or policy_from_args(args)
     cls = lm_class_for(args.model)
+    path = args.path or DEFAULT_PATHS[cls.family_name]
     env = ExecutionEnv.create(args.offload_dir, device=args.device)
     try:
-        return env, cls(args.model, env, args.path, policy, progress=args.verbose >= 1)
+        lm = cls(args.model, env, path, policy, progress=args.verbose >= 1)
     except BaseException:
         env.close_copy_threads()
         raise
+    if need_tokenizer and lm.tokenizer is None:
+        lm.close()
+        env.close_copy_threads()
+        raise WeightsError(f"{args.model}: no tokenizer found next to the checkpoint; text needs one")
+    return lm, env
 
 
 def main_errors(fn, extra=()):
     """Run fn; a user error ends the process with one `error:` line and exit status 2."""
-    from .engine.generate import GenerationError
-    from .memory.disk import DiskFullError
-    from .models.registry import ModelNotFound
-    from .weights import WeightsError
-
     try:
         return fn()
-    except (PolicyError, ModelNotFound, WeightsError, GenerationError, DiskFullError, *extra) as e:
+    except (*user_errors(), *extra) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ import types
 import pytest
 
 from flexgen.apps import batch, completion
+from flexgen.cli import lm_class_for
 from flexgen.flex_llama import ExecutionEnv, LlamaLM, Policy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,8 +47,8 @@ def shared_model(smol, monkeypatch):
         def close(self):
             pass
 
-    monkeypatch.setattr(batch, "load_model",
-                        lambda args, policy: (Shared(), types.SimpleNamespace(close_copy_threads=lambda: None)))
+    monkeypatch.setattr(batch, "open_model",
+                        lambda args, policy, **kw: (Shared(), types.SimpleNamespace(close_copy_threads=lambda: None)))
 
 
 def write_jsonl(path, rows):
@@ -78,8 +79,8 @@ def model_flags(weight_root, tmp_path, block=(1, 1)):
 
 def test_completion_app_picks_the_family():
     from flexgen.flex_opt import OptLM
-    assert completion.model_class("facebook/opt-125m") is OptLM
-    assert completion.model_class("huggyllama/llama-7b") is LlamaLM
+    assert lm_class_for("facebook/opt-125m") is OptLM
+    assert lm_class_for("huggyllama/llama-7b") is LlamaLM
 
 
 def test_completion_app_prints_prompts_and_completions(smol, weight_root, tmp_path, capsys, monkeypatch):
@@ -273,7 +274,7 @@ def test_malformed_lines_reported_and_skipped(shared_model, weight_root, tmp_pat
 
 
 def test_duplicate_ids_fail_before_any_work(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(batch, "load_model", lambda *a: pytest.fail("the model must not be loaded"))
+    monkeypatch.setattr(batch, "open_model", lambda *a: pytest.fail("the model must not be loaded"))
     write_jsonl(tmp_path / "in.jsonl", [{"id": "x", "prompt": "a"}, {"id": 2, "prompt": "b"},
                                         {"id": "x", "prompt": "c"}, {"id": "2", "prompt": "d"}])
     out_path = tmp_path / "out.jsonl"

@@ -33,11 +33,10 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from ..cli import add_arguments, policy_from_args, positive_int
+from ..cli import add_arguments, open_model, policy_from_args, positive_int, user_errors
 from ..engine.generate import GenerationError
 from ..models.registry import EMBEDDED_DEFAULT
 from ..text import encode_prompts, generate_text
-from .completion import USER_ERRORS, load_model
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -425,7 +424,7 @@ def run_cli(args) -> dict:
         n = len(requests)
         return {"output": args.output, "requests": n, "already_done": n, "prompts": 0, "invalid": [],
                 "prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0}
-    lm, env = load_model(args, policy)
+    lm, env = open_model(args, policy, need_tokenizer=True)
     try:
         return run_batch(lm, requests, args.output, logprobs=args.logprobs, chunk_blocks=args.chunk_blocks,
                          progress=not args.no_progress, seed=args.seed, chat=args.chat, strict=args.strict)
@@ -438,7 +437,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         summary = run_cli(args)
-    except USER_ERRORS + (BatchInputError, BatchOutputError) as e:
+    except (*user_errors(), BatchInputError, BatchOutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -13,14 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import add_arguments, policy_from_args
+from ..cli import add_arguments, main_errors, open_model, policy_from_args
 from ..engine.generate import GenerationError
-from ..env import ExecutionEnv
-from ..memory.disk import DiskFullError
-from ..models.registry import EMBEDDED_DEFAULT, ModelNotFound, resolve_model
-from ..policy import PolicyError
+from ..models.registry import EMBEDDED_DEFAULT
 from ..text import generate_text
-from ..weights import WeightsError
 
 PROMPTS = [
     "Question: Where were the 2004 Olympics held?\n"
@@ -34,40 +30,6 @@ PROMPTS = [
     "Text: \"I want you to book a flight from Phoenix to Las Vegas.\"\n"
     "Airport codes:",
 ]
-
-# The errors flexgen.cli.main turns into one `error:` line and exit status 2.
-USER_ERRORS = (PolicyError, ModelNotFound, WeightsError, GenerationError, DiskFullError)
-
-DEFAULT_PATHS = {"opt": "~/opt_weights", "llama": "~/llama_weights"}
-
-
-def model_class(model):
-    """OptLM or LlamaLM, whichever family the model (name, directory, .gguf, config) belongs to."""
-    family = resolve_model(model).family.family
-    if family == "opt":
-        from ..flex_opt import OptLM
-        return OptLM
-    from ..flex_llama import LlamaLM
-    return LlamaLM
-
-
-def load_model(args, policy):
-    """(lm, env) for args.model on args.device, weights cached under args.path (default: the
-    family's FlexGen default). The caller closes both (lm.close(); env.close_copy_threads())."""
-    cls = model_class(args.model)
-    path = args.path or DEFAULT_PATHS[cls.family_name]
-    env = ExecutionEnv.create(args.offload_dir, device=args.device)
-    try:
-        lm = cls(args.model, env, path, policy, progress=args.verbose >= 1)
-    except BaseException:
-        env.close_copy_threads()
-        raise
-    if lm.tokenizer is None:
-        lm.close()
-        env.close_copy_threads()
-        raise WeightsError(f"{args.model}: no tokenizer found next to the checkpoint; text prompts need one")
-    return lm, env
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python3 -m flexgen.apps.completion",
@@ -89,7 +51,7 @@ def run(args, out=None) -> list:
         raise GenerationError(f"--temperature must be >= 0, got {args.temperature}")
     policy = policy_from_args(args)
     print("Initialize...", file=out, flush=True)
-    lm, env = load_model(args, policy)
+    lm, env = open_model(args, policy, need_tokenizer=True)
     try:
         print("Generate...", file=out, flush=True)
         completions = generate_text(lm, prompts, max_new_tokens=args.gen_len, do_sample=args.temperature > 0,
@@ -107,14 +69,7 @@ def run(args, out=None) -> list:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    main_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def perplexity(lm, ids: list[int], window: int) -> tuple[float, int]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python3 -m flexgen.apps.perplexity")
-    add_arguments(parser, "smollm2-135m", "~/flexgen_weights")
+    add_arguments(parser, "smollm2-135m", None)
     parser.add_argument("--text", required=True, help="a UTF-8 text file")
     parser.add_argument("--window", type=int, default=512, help="tokens per window (context + scored half)")
     args = parser.parse_args(argv)
@@ -56,10 +56,8 @@ def main(argv=None):
                 text = f.read()
         except OSError as e:
             raise ValueError(f"cannot read --text {args.text}: {e.strerror}") from None
-        env, lm = open_model(args)
+        lm, env = open_model(args, need_tokenizer=True)
         try:
-            if lm.tokenizer is None:
-                raise ValueError(f"{args.model} has no tokenizer to read the text with")
             value, n = perplexity(lm, lm.tokenizer.encode(text), args.window)
             print(f"tokens scored: {n}")
             print(f"perplexity: {value:.4f}")
