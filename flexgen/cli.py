@@ -71,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str, default_p
     parser.add_argument("--verbose", type=int, default=2)
     parser.add_argument("--overlap", type=str2bool, nargs="?", const=True, default=True)
     parser.add_argument("--device", type=str, default="auto", help="compute device: auto, cuda[:N] or cpu")
+    parser.add_argument("--force", action="store_true",
+                        help="run even when the memory check predicts the policy does not fit")
     parser.add_argument("--prompt", action="append", help="prompt text (repeatable); default: FlexGen's prompt")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
 
@@ -150,12 +152,21 @@ def run(args, lm_class, log_prefix: str):
     from .engine.generate import GenerationError
     from .models.registry import resolve_model
 
+    from .optimizer.memory_model import preflight
+
     policy = policy_from_args(args)
-    info = resolve_model(args.model, lm_class.family_name).family.info()
+    family = resolve_model(args.model, lm_class.family_name).family
+    info = family.info()
     if args.prompt_len + args.gen_len > info.max_seq_len:  # say so before loading any weights
         raise GenerationError(f"--prompt-len {args.prompt_len} + --gen-len {args.gen_len} exceeds the model's "
                               f"context of {info.max_seq_len} positions")
     env = ExecutionEnv.create(args.offload_dir, device=args.device)
+    if not args.force:
+        try:
+            preflight(family, policy, args.prompt_len, args.gen_len, env)
+        except BaseException:
+            env.close_copy_threads()
+            raise
     num_prompts = policy.block_size
     gen_len, cut_gen_len = args.gen_len, args.cut_gen_len
 

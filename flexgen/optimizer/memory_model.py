@@ -1,0 +1,216 @@
+"""What a policy will allocate, predicted before anything is allocated, and the pre-flight check
+that refuses a run that cannot fit (instead of being killed by the OS or CUDA minutes later).
+
+Counted exactly the way the engine places tensors: each layer's weights by FlexGen's size rule
+(memory/placement.assign_by_size), the KV cache split over heads (split_counts), packed sizes
+when compressed. On top of what stays resident, the compute device holds a working set: the
+layers in flight (current and prefetched), one GPU batch's cache brought in, and the
+activations of the widest step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from dataclasses import dataclass
+
+from ..memory.placement import TIERS, assign_by_size, split_counts
+from ..policy import Policy, PolicyError
+
+GiB = 1 << 30
+
+
+class MemoryFitError(PolicyError):
+    """The policy cannot fit this machine's memory."""
+
+
+@dataclass
+class MemoryEstimate:
+    gpu: int = 0        # compute-device memory (on a CPU-only machine: counted as host memory)
+    pinned: int = 0     # page-locked host memory
+    pageable: int = 0   # ordinary host memory
+    disk: int = 0       # offload files
+    # what the totals are made of: {"weights"|"cache"|"act"|"work": {tier: bytes}}
+    parts: dict = None
+
+    def host(self) -> int:
+        return self.pinned + self.pageable
+
+
+def _layers(family):
+    """The family's layer specs, built once per family object (the search calls this a lot)."""
+    cached = getattr(family, "_layer_specs", None)
+    if cached is None:
+        cached = family.layers()
+        family._layer_specs = cached
+    return cached
+
+
+def _packed_bytes(shape, cfg) -> int:
+    from ..memory.compression import packed_shapes
+    data, meta, mn = packed_shapes(shape, cfg)
+    return math.prod(data) + 2 * math.prod(meta) + (2 * math.prod(mn) if mn else 0)
+
+
+def estimate_memory(family, policy: Policy, prompt_len: int, gen_len: int, is_cuda: bool,
+                    itemsize: int | None = None) -> MemoryEstimate:
+    itemsize = itemsize or (2 if is_cuda else 4)
+    layers = _layers(family)
+    est = MemoryEstimate(parts={})
+    host_key = "pinned" if is_cuda and policy.pin_weight else "pageable"
+
+    def add(tier, nbytes, pinned_ok=True, what="weights"):
+        part = est.parts.setdefault(what, {})
+        part[tier] = part.get(tier, 0) + nbytes
+        if tier == "gpu":
+            if is_cuda:
+                est.gpu += nbytes
+            else:
+                est.pageable += nbytes
+        elif tier == "cpu":
+            key = host_key if pinned_ok else ("pinned" if is_cuda else "pageable")
+            setattr(est, key, getattr(est, key) + nbytes)
+        else:
+            est.disk += nbytes
+
+    # weights, per layer as WeightStore places them
+    w_pct = policy.percents("weight")
+    stage_bytes = []
+    for layer in layers:
+        sizes = [math.prod(w.shape) for w in layer.weights]
+        layer_bytes = 0
+        for spec, tier in zip(layer.weights, assign_by_size(sizes, w_pct)):
+            packed = policy.compress_weight and len(spec.shape) >= 2 and layer.kind in ("attention", "mlp")
+            nbytes = _packed_bytes(spec.shape, policy.comp_weight_config) if packed else \
+                math.prod(spec.shape) * itemsize
+            add(tier, nbytes)
+            if tier != "gpu" or packed:
+                layer_bytes += math.prod(spec.shape) * itemsize  # unpacked / transferred copy
+        stage_bytes.append(layer_bytes)
+
+    # KV cache: every attention layer x GPU batch, split over heads
+    seq = prompt_len + gen_len
+    gbs, ngb = policy.gpu_batch_size, policy.num_gpu_batches
+    c_pct = policy.percents("cache")
+    cache_cfg = dataclasses.replace(policy.comp_cache_config, group_dim=3)  # as LayerCache stores it
+    one_cache = 0
+    for layer in layers:
+        if layer.kind != "attention":
+            continue
+        counts = split_counts(layer.kv_heads, c_pct)
+        for tier, heads in zip(TIERS, counts):
+            shape = (seq, gbs, heads, layer.head_dim)
+            nbytes = (_packed_bytes(shape, cache_cfg) if policy.compress_cache
+                      else math.prod(shape) * itemsize) if heads else 0
+            add(tier, 2 * ngb * nbytes, pinned_ok=False, what="cache")
+        one_cache = max(one_cache, 2 * seq * gbs * layer.kv_heads * layer.head_dim * itemsize)
+
+    # activations between layers, one slot per GPU batch, on their tier (prefill is the widest)
+    info = family.info()
+    hidden = gbs * prompt_len * info.hidden_size * itemsize
+    for tier, n in zip(TIERS, split_counts(gbs, policy.percents("act"))):
+        add(tier, ngb * hidden * n // gbs, pinned_ok=False, what="act")
+
+    # working set on the compute device: two layers in flight, a cache brought in (and next),
+    # and the intermediates of the widest layer (MLP up-projection, logits of one batch)
+    widest = max((max(w.shape) for l in layers for w in l.weights if len(w.shape) == 2), default=0)
+    work = 2 * max(stage_bytes, default=0) + (2 * one_cache if c_pct[0] < 100 else 0)
+    work += 4 * gbs * prompt_len * max(widest // 4, info.hidden_size) * itemsize
+    work += gbs * info.vocab_size * 4 * 2
+    add("gpu", work, what="work")
+    if is_cuda and (c_pct[2] > 0 or w_pct[2] > 0 or policy.percents("act")[2] > 0):
+        est.pinned += 2 * max(max(stage_bytes, default=0), one_cache)  # disk relay buffers
+    return est
+
+
+@dataclass
+class MachineMemory:
+    gpu: int | None     # free bytes on the compute device, None on a CPU-only machine
+    host: int
+    disk: int
+
+
+def available_memory(env) -> MachineMemory:
+    gpu = None
+    if env.is_cuda:
+        import torch
+        gpu, _ = torch.cuda.mem_get_info(env.device)
+    return MachineMemory(gpu, _host_available(), shutil.disk_usage(env.offload_dir).free)
+
+
+def _host_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def shortfalls(est: MemoryEstimate, mem: MachineMemory, margin: float = 0.95) -> list[str]:
+    out = []
+    if mem.gpu is not None and est.gpu > mem.gpu * margin:
+        out.append(f"GPU memory: needs {est.gpu / GiB:.1f} GiB, {mem.gpu / GiB:.1f} GiB free")
+    host = est.host() + (est.gpu if mem.gpu is None else 0)
+    if host > mem.host * margin:
+        out.append(f"host memory: needs {host / GiB:.1f} GiB, {mem.host / GiB:.1f} GiB available")
+    if est.disk > mem.disk * margin:
+        out.append(f"disk ({'offload dir'}): needs {est.disk / GiB:.1f} GiB, {mem.disk / GiB:.1f} GiB free")
+    return out
+
+
+def _fits(family, policy, prompt_len, gen_len, is_cuda, mem) -> bool:
+    return not shortfalls(estimate_memory(family, policy, prompt_len, gen_len, is_cuda), mem)
+
+
+def suggest_policy(family, policy: Policy, prompt_len, gen_len, is_cuda, mem) -> Policy | None:
+    """A nearby policy that fits: weights and cache moved down the hierarchy (GPU -> CPU -> disk)
+    in steps of 25%, then smaller GPU batches, then 4-bit weights."""
+    def moves(gpu, cpu):
+        for g in sorted({int(gpu), *range(0, int(gpu), 25)}, reverse=True):
+            for c in sorted({100 - g, *range(0, 100 - g, 25)}, reverse=True):
+                yield g, c
+
+    floor = policy.replace(gpu_batch_size=1, w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0,
+                           cache_cpu_percent=0, compress_weight=True)
+    need = estimate_memory(family, floor, prompt_len, gen_len, is_cuda)
+    if need.gpu + need.host() + need.disk > (mem.gpu or 0) + mem.host + mem.disk:  # no room anywhere
+        return None
+    batches = [policy.gpu_batch_size]
+    while batches[-1] > 1:
+        batches.append(batches[-1] // 2)
+    for compress in (policy.compress_weight, True):
+        for gbs in batches:
+            for wg, wc in moves(*policy.percents("weight")[:2]):
+                for cg, cc in moves(*policy.percents("cache")[:2]):
+                    cand = policy.replace(gpu_batch_size=gbs, w_gpu_percent=wg, w_cpu_percent=wc,
+                                          cache_gpu_percent=cg, cache_cpu_percent=cc,
+                                          compress_weight=compress)
+                    if _fits(family, cand, prompt_len, gen_len, is_cuda, mem):
+                        return cand
+    return None
+
+
+def policy_flags(p: Policy) -> str:
+    flags = (f"--percent {p.w_gpu_percent:g} {p.w_cpu_percent:g} {p.cache_gpu_percent:g} {p.cache_cpu_percent:g} "
+             f"{p.act_gpu_percent:g} {p.act_cpu_percent:g} --gpu-batch-size {p.gpu_batch_size} "
+             f"--num-gpu-batches {p.num_gpu_batches}")
+    return flags + (" --compress-weight" if p.compress_weight else "") + (" --compress-cache" if p.compress_cache else "")
+
+
+def preflight(family, policy: Policy, prompt_len: int, gen_len: int, env) -> MemoryEstimate:
+    """Raise MemoryFitError, naming the shortfall and a policy that would fit, when the policy's
+    predicted peak memory exceeds what this machine has."""
+    est = estimate_memory(family, policy, prompt_len, gen_len, env.is_cuda)
+    mem = available_memory(env)
+    short = shortfalls(est, mem)
+    if short:
+        fit = suggest_policy(family, policy, prompt_len, gen_len, env.is_cuda, mem)
+        hint = (f"a policy that would fit: {policy_flags(fit)}" if fit else
+                "no placement of this model fits this machine's memory and disk, even compressed")
+        raise MemoryFitError(f"{family.info().name} with {policy_flags(policy)} does not fit: "
+                             f"{'; '.join(short)}. {hint} (or pass --force to try anyway)")
+    return est
