@@ -25,11 +25,12 @@ def attention_mask(valid: torch.Tensor, s: int) -> torch.Tensor:
     return mask[:, None]
 
 
-def attend(q, k, v, valid, scale, sparsity: float = 1.0):
+def attend(q, k, v, valid, scale, sparsity: float = 1.0, invalid=None):
+    """invalid (= ~valid) may be passed in when the caller has it, to save a kernel per layer."""
     b, s, heads, d = q.shape
     n_rep = heads // k.shape[2]
     if s == 1 and sparsity >= 1.0:
-        return _dense_decode(q, k, v, valid, scale)
+        return _dense_decode(q, k, v, ~valid if invalid is None else invalid, scale)
     qh = q.transpose(1, 2)
     kh = _expand_kv(k.transpose(1, 2), n_rep)
     vh = _expand_kv(v.transpose(1, 2), n_rep)
@@ -52,7 +53,7 @@ def _prefill_backends():
         return contextlib.nullcontext()
 
 
-def _dense_decode(q, k, v, valid, scale):
+def _dense_decode(q, k, v, invalid, scale):
     """One query per sequence: plain batched matmuls, with the query heads of a KV group side by
     side so grouped-query attention needs no copy of the cache per head."""
     b, _, heads, d = q.shape
@@ -61,7 +62,7 @@ def _dense_decode(q, k, v, valid, scale):
         q = q * scale
     qg = q.view(b, kv_heads, heads // kv_heads, d)                     # (b, g, rep, d)
     scores = qg @ k.permute(0, 2, 3, 1)                                # (b, g, rep, S)
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    scores = scores.masked_fill(invalid[:, None, None, :], float("-inf"))
     probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)
     out = probs @ v.transpose(1, 2)                                    # (b, g, rep, d)
     return out.reshape(b, 1, heads, d)

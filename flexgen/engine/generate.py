@@ -46,7 +46,7 @@ class LM:
     def _prepare_weight_cache(self, path) -> str:
         root = os.path.expanduser(path or os.path.join("~", "flexgen_weights"))
         cache_dir = os.path.join(root, f"{self.name}-np")
-        files = {w.file for layer in self.layers for w in layer.weights}
+        files = {f for layer in self.layers for w in layer.weights for f, _ in w.files()}
         if weight_io.cache_is_complete(cache_dir) or (
                 os.path.isdir(cache_dir) and all(os.path.exists(os.path.join(cache_dir, f)) for f in files)):
             return cache_dir

@@ -161,7 +161,7 @@ class BlockRunner:
 
     def _compute(self, stage, wdicts, h, k, step, caches, loaded, pending_cache, score=False):
         b0, b1 = k * step.gbs, (k + 1) * step.gbs
-        ctx = StepContext(input_ids=step.out[b0:b1, step.start:step.cur], positions=step.positions[b0:b1])
+        ctx = step.context(k)
         for li, w in zip(stage, wdicts):
             layer = self.layers[li]
             if layer.kind == "attention":
@@ -173,11 +173,12 @@ class BlockRunner:
 
     def _attender(self, cache, loaded, step, b0, b1, li, k, pending_cache):
         valid = step.valid[b0:b1]
+        invalid = step.invalid[b0:b1] if step.i > 0 else None
         sparsity = self.policy.attn_sparsity
 
         def attend(q, k_new, v_new, scale):
-            k_rows = k_new.transpose(0, 1).contiguous()   # (s, b, kv_heads, d): the cache layout
-            v_rows = v_new.transpose(0, 1).contiguous()
+            k_rows = k_new.transpose(0, 1)   # (s, b, kv_heads, d): the cache layout (written by copy)
+            v_rows = v_new.transpose(0, 1)
             cache.write_resident(k_rows, v_rows, step.start)
             if cache.needs_store:
                 pending_cache[(li, k)] = self.io.store(lambda: cache.store_rest(k_rows, v_rows, step.start),
@@ -204,7 +205,8 @@ class BlockRunner:
                                        vs.permute(1, 0, 2, 3).float(), valid.to(dev), scale, sparsity)
                     o = o.to(q.device, q.dtype)
                 else:
-                    o = attention_core(qs, ks.permute(1, 0, 2, 3), vs.permute(1, 0, 2, 3), valid, scale, sparsity)
+                    o = attention_core(qs, ks.permute(1, 0, 2, 3), vs.permute(1, 0, 2, 3), valid, scale, sparsity,
+                                       invalid=invalid)
                 outs.append(o)
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
@@ -214,6 +216,17 @@ class _Step:
     def __init__(self, i, start, cur, out, valid, positions, gbs):
         self.i, self.start, self.cur = i, start, cur
         self.out, self.valid, self.positions, self.gbs = out, valid, positions, gbs
+        self.invalid = ~valid  # once per step, not once per layer
+        self._contexts = {}
+
+    def context(self, k) -> StepContext:
+        """GPU batch k's context, shared by every layer of this step (so a family can compute
+        per-step values, like rotary angles, once)."""
+        if k not in self._contexts:
+            b0, b1 = k * self.gbs, (k + 1) * self.gbs
+            self._contexts[k] = StepContext(input_ids=self.out[b0:b1, self.start:self.cur],
+                                            positions=self.positions[b0:b1])
+        return self._contexts[k]
 
 
 class BlockResult:

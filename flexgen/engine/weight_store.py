@@ -53,13 +53,14 @@ class WeightStore:
                 # Embedding tables and the output head stay uncompressed: they are a small share
                 # of a large model's bytes, and quantising the head costs the most accuracy.
                 if compression is not None and len(spec.shape) >= 2 and layer.kind in ("attention", "mlp"):
-                    buf = PackedBuffer(env, spec.shape, dtype, compression, onehot, name=spec.file, pin=pin)
+                    buf = PackedBuffer(env, spec.shape, dtype, compression, onehot, name=spec.key, pin=pin)
                 else:
-                    buf = TieredBuffer(env, spec.shape, dtype, onehot, name=spec.file, pin=pin)
+                    buf = TieredBuffer(env, spec.shape, dtype, onehot, name=spec.key, pin=pin)
                 if read_tensor is None:
                     self._fill_dummy(buf, spec)
                 else:
-                    arr = read_tensor(spec.file, spec.shape)
+                    arrs = [read_tensor(f, shape) for f, shape in spec.files()]
+                    arr = arrs[0] if len(arrs) == 1 else np.concatenate(arrs, axis=0)
                     buf.fill_from(torch.from_numpy(np.array(arr)).to(dtype))
                 home[spec.key] = buf
             self.homes.append(home)

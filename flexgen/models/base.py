@@ -16,10 +16,23 @@ import torch
 @dataclass(frozen=True)
 class WeightSpec:
     key: str          # name the forward function uses
-    file: str         # tensor name in the weight cache (HF name without the "model." prefix)
+    file: str | tuple  # tensor name in the weight cache (HF name without the "model." prefix), or
+                       # several, stacked along dim 0 (q, k and v as one matrix: one matmul, not three)
     shape: tuple
     # How dummy weights are drawn: "normal" (scaled random), "ones" (norm gains), "zeros" (biases)
     init: str = "normal"
+    split: tuple = ()  # rows of each stacked file
+
+    def files(self):
+        """[(file, shape)] of what this weight is read from."""
+        if isinstance(self.file, str):
+            return [(self.file, self.shape)]
+        return [(f, (rows,) + tuple(self.shape[1:])) for f, rows in zip(self.file, self.split)]
+
+
+def stacked(key, files, rows, rest=(), init="normal") -> WeightSpec:
+    """A weight made of several cache tensors stacked along dim 0."""
+    return WeightSpec(key, tuple(files), (sum(rows),) + tuple(rest), init, tuple(rows))
 
 
 @dataclass
@@ -73,8 +86,8 @@ class ModelFamily:
     # Sizes for the benchmark header (FlexGen prints these).
     def model_bytes(self, itemsize: int = 2) -> int:
         import math
-        unique = {w.file: w.shape for layer in self.layers() for w in layer.weights}  # tied counted once
-        return sum(math.prod(shape) for shape in unique.values()) * itemsize
+        unique = {f: shape for layer in self.layers() for w in layer.weights for f, shape in w.files()}
+        return sum(math.prod(shape) for shape in unique.values()) * itemsize  # tied weights once
 
     def cache_bytes(self, batch: int, seq_len: int, itemsize: int = 2) -> int:
         i = self.info()

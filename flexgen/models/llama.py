@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import LayerSpec, ModelFamily, ModelInfo, WeightSpec
+from .base import LayerSpec, ModelFamily, ModelInfo, WeightSpec, stacked
 
 
 @dataclass
@@ -138,12 +138,15 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(q, k, positions, inv_freq):
-    """q, k: (b, s, heads, d); positions: (b, s). Angles are computed in float32 as HF does."""
+def rope_angles(positions, inv_freq, dtype):
+    """cos and sin (b, s, 1, d) for positions (b, s), computed in float32 as HF does."""
     freqs = positions.float()[..., None] * inv_freq[None, None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos = emb.cos().to(q.dtype)[:, :, None, :]
-    sin = emb.sin().to(q.dtype)[:, :, None, :]
+    return emb.cos().to(dtype)[:, :, None, :], emb.sin().to(dtype)[:, :, None, :]
+
+
+def apply_rope(q, k, cos, sin):
+    """q, k: (b, s, heads, d) rotated by the angles of rope_angles."""
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -185,9 +188,11 @@ class LlamaFamily(ModelFamily):
         for i in range(c.num_hidden_layers):
             p = f"layers.{i}"
             ab, mb = c.attention_bias, c.mlp_bias
+            qkv = [f"{p}.self_attn.{n}_proj" for n in "qkv"]
             attn = ([WeightSpec("norm", f"{p}.input_layernorm.weight", (h,), "ones")]
-                    + lin(f"{p}.self_attn.q_proj", "q", qd, h, ab) + lin(f"{p}.self_attn.k_proj", "k", kvd, h, ab)
-                    + lin(f"{p}.self_attn.v_proj", "v", kvd, h, ab) + lin(f"{p}.self_attn.o_proj", "o", h, qd, ab))
+                    + [stacked("qkv.weight", [f"{f}.weight" for f in qkv], (qd, kvd, kvd), (h,))]
+                    + ([stacked("qkv.bias", [f"{f}.bias" for f in qkv], (qd, kvd, kvd), (), "zeros")] if ab else [])
+                    + lin(f"{p}.self_attn.o_proj", "o", h, qd, ab))
             mlp = ([WeightSpec("norm", f"{p}.post_attention_layernorm.weight", (h,), "ones")]
                    + lin(f"{p}.mlp.gate_proj", "gate", c.intermediate_size, h, mb)
                    + lin(f"{p}.mlp.up_proj", "up", c.intermediate_size, h, mb)
@@ -206,13 +211,17 @@ class LlamaFamily(ModelFamily):
         c = self.config
         b, s, _ = h.shape
         x = rms_norm(h, w["norm"], c.rms_norm_eps)
-        q = F.linear(x, w["q.weight"], w.get("q.bias")).view(b, s, c.n_head, c.head_dim)
-        k = F.linear(x, w["k.weight"], w.get("k.bias")).view(b, s, c.num_key_value_heads, c.head_dim)
-        v = F.linear(x, w["v.weight"], w.get("v.bias")).view(b, s, c.num_key_value_heads, c.head_dim)
-        dev = ctx.positions.device
-        if dev not in self._inv_freq_on:
-            self._inv_freq_on[dev] = self.inv_freq.to(dev)
-        q, k = apply_rope(q, k, ctx.positions.clamp(min=0), self._inv_freq_on[dev])
+        kvd = c.num_key_value_heads * c.head_dim
+        q, k, v = F.linear(x, w["qkv.weight"], w.get("qkv.bias")).split([c.n_head * c.head_dim, kvd, kvd], dim=-1)
+        q = q.view(b, s, c.n_head, c.head_dim)
+        k = k.view(b, s, c.num_key_value_heads, c.head_dim)
+        v = v.view(b, s, c.num_key_value_heads, c.head_dim)
+        if "rope" not in ctx.extra:  # the same angles serve every layer of this step
+            dev = ctx.positions.device
+            if dev not in self._inv_freq_on:
+                self._inv_freq_on[dev] = self.inv_freq.to(dev)
+            ctx.extra["rope"] = rope_angles(ctx.positions.clamp(min=0), self._inv_freq_on[dev], q.dtype)
+        q, k = apply_rope(q, k, *ctx.extra["rope"])
         o = ctx.attend(q, k, v, c.head_dim ** -0.5)
         return h + F.linear(o.reshape(b, s, -1), w["o.weight"], w.get("o.bias"))
 

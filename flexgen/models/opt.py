@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from .base import LayerSpec, ModelFamily, ModelInfo, WeightSpec
+from .base import LayerSpec, ModelFamily, ModelInfo, WeightSpec, stacked
 
 
 @dataclass
@@ -131,9 +131,11 @@ class OptFamily(ModelFamily):
         out = [LayerSpec("embed", embed, self.embed)]
         for i in range(c.num_hidden_layers):
             p = f"decoder.layers.{i}"
+            qkv = [f"{p}.self_attn.{n}_proj" for n in "qkv"]
             attn = (ln(f"{p}.self_attn_layer_norm", "ln")
-                    + lin(f"{p}.self_attn.q_proj", "q", h, h) + lin(f"{p}.self_attn.k_proj", "k", h, h)
-                    + lin(f"{p}.self_attn.v_proj", "v", h, h) + lin(f"{p}.self_attn.out_proj", "o", h, h))
+                    + [stacked("qkv.weight", [f"{f}.weight" for f in qkv], (h, h, h), (h,))]
+                    + ([stacked("qkv.bias", [f"{f}.bias" for f in qkv], (h, h, h), (), "zeros")] if bias else [])
+                    + lin(f"{p}.self_attn.out_proj", "o", h, h))
             mlp = (ln(f"{p}.final_layer_norm", "ln") + lin(f"{p}.fc1", "fc1", c.ffn_embed_dim, h)
                    + lin(f"{p}.fc2", "fc2", h, c.ffn_embed_dim))
             out.append(LayerSpec("attention", attn, self.attention, kv_heads=c.n_head, head_dim=c.head_dim))
@@ -152,12 +154,9 @@ class OptFamily(ModelFamily):
         c = self.config
         b, s, _ = h.shape
         x = _ln(h, w, "ln", c.layer_norm_eps) if c.do_layer_norm_before else h
-        scale = c.head_dim ** -0.5
-        q = F.linear(x, w["q.weight"], w.get("q.bias")) * scale
-        k = F.linear(x, w["k.weight"], w.get("k.bias"))
-        v = F.linear(x, w["v.weight"], w.get("v.bias"))
+        q, k, v = F.linear(x, w["qkv.weight"], w.get("qkv.bias")).split(c.hidden_size, dim=-1)
         shape = (b, s, c.n_head, c.head_dim)
-        o = ctx.attend(q.view(shape), k.view(shape), v.view(shape), 1.0)
+        o = ctx.attend(q.view(shape), k.view(shape), v.view(shape), c.head_dim ** -0.5)
         h = h + F.linear(o.reshape(b, s, c.hidden_size), w["o.weight"], w.get("o.bias"))
         return h if c.do_layer_norm_before else _ln(h, w, "ln", c.layer_norm_eps)
 
