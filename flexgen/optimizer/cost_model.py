@@ -1,0 +1,364 @@
+"""The cost model: predicted prefill time, decode time per step, throughput and peak memory of a
+policy on a profiled machine. Formulas: docs/cost_model.md.
+
+Everything is computed on numpy arrays of candidate policies at once (the search evaluates
+hundreds of thousands); `predict()` is the one-policy view of the same code. Layers of identical
+shape are grouped (a transformer is a few layer types repeated), so the cost of a candidate does
+not grow with the number of layers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..memory.placement import TIERS, assign_by_size, split_counts
+from ..policy import Policy
+from .memory_model import MemoryEstimate, _layers, _packed_bytes, estimate_memory
+
+GiB = 1 << 30
+
+# Host time per stage (layer) per GPU batch: Python + kernel launches. Calibrated on the H200
+# run of benchmarks/RESULTS.md (P4: OPT-6.7B all on GPU, 66 stages, 22-26 ms per decode step).
+GPU_STAGE_OVERHEAD_S = 0.35e-3
+CPU_STAGE_OVERHEAD_S = 0.15e-3
+
+# Used when no profile is given and none is cached: H100 figures from ../shared/DESIGN.md
+# (copies, fp16 matmul, CPU matmul). HBM bandwidth, disk and CPU attention/dequantisation rates are
+# not in DESIGN.md: nominal values, marked below.
+DEFAULT_PROFILE = {
+    "version": 1,
+    "source": "default: H100 figures from DESIGN.md (no profile measured on this machine)",
+    "gpu": {"name": "NVIDIA H100 80GB (DESIGN.md)", "mem_bytes": 80 * 10 ** 9,
+            "h2d_pinned_gib_s": 51.5, "h2d_pageable_gib_s": 9.0,
+            "d2h_pinned_gib_s": 51.4, "d2h_pageable_gib_s": 14.0,
+            "mem_bw_gib_s": 3000.0,          # nominal (H100 SXM HBM3 ~3.35 TB/s)
+            "fp16_tflops": {"8192x8192x8192": 755.0}, "fp16_tflops_best": 755.0,
+            "dequant_gelem_s": 150.0},       # nominal
+    "cpu": {"cores": 16, "threads": [16], "matmul_gflops": {"16": 1200.0},
+            "attention_gib_s": {"16": 20.0},  # nominal
+            "dequant_gelem_s": {"16": 10.0},  # nominal
+            "mem_bw_gib_s": 40.0},            # nominal
+    "disk": {"read_gib_s": 2.0, "write_gib_s": 1.5, "direct_io": True},  # nominal NVMe
+}
+
+
+@dataclass
+class Workload:
+    prompt_len: int
+    gen_len: int
+    num_prompts: int | None = None   # None: one block of the policy
+
+
+@dataclass
+class Prediction:
+    prefill_s: float          # one block
+    decode_step_s: float      # one block, mean over the decode steps
+    total_s: float            # all blocks: prefill + (gen_len - 1) decode steps each
+    throughput: float         # generated tokens / total_s (FlexGen's definition)
+    memory: MemoryEstimate
+
+
+def _best(d) -> float:
+    if isinstance(d, dict):
+        return max(d.values()) if d else 0.0
+    return float(d or 0.0)
+
+
+class Rates:
+    """The profile's figures in bytes/s, FLOP/s, elements/s for the compute device."""
+
+    def __init__(self, profile: dict):
+        g, c, d = profile.get("gpu"), profile["cpu"], profile["disk"]
+        self.is_cuda = g is not None
+        self.disk_read = d["read_gib_s"] * GiB
+        self.disk_write = d["write_gib_s"] * GiB
+        self.cpu_attn = _best(c.get("attention_gib_s")) * GiB
+        self.cpu_dequant = _best(c.get("dequant_gelem_s")) * 1e9
+        if g:
+            self.h2d_pinned = g["h2d_pinned_gib_s"] * GiB
+            self.h2d_pageable = g["h2d_pageable_gib_s"] * GiB
+            self.d2h = g["d2h_pinned_gib_s"] * GiB
+            self.dev_bw = g["mem_bw_gib_s"] * GiB
+            self.flops = g.get("fp16_tflops_best", _best(g.get("fp16_tflops"))) * 1e12
+            self.dequant = g["dequant_gelem_s"] * 1e9
+            self.overhead = g.get("overhead_s_per_stage", GPU_STAGE_OVERHEAD_S)
+        else:  # the CPU is the compute device: its memory is the "gpu" and the "cpu" tier
+            self.h2d_pinned = self.h2d_pageable = self.d2h = math.inf
+            self.dev_bw = c.get("mem_bw_gib_s", 20.0) * GiB
+            self.flops = _best(c.get("matmul_gflops")) * 1e9
+            self.dequant = self.cpu_dequant
+            self.overhead = c.get("overhead_s_per_stage", CPU_STAGE_OVERHEAD_S)
+
+
+# ------------------------------------------------------------------------------ per-layer tables
+def _layer_types(family):
+    """[(count, LayerSpec)] for each distinct layer (kind, shapes, heads), in first-seen order."""
+    groups = {}
+    for layer in _layers(family):
+        key = (layer.kind, tuple(w.shape for w in layer.weights), layer.kv_heads, layer.head_dim)
+        if key in groups:
+            groups[key][0] += 1
+        else:
+            groups[key] = [1, layer]
+    return [(n, l) for n, l in groups.values()]
+
+
+def _weight_table(family, pct, compress, itemsize, cfg):
+    """Per layer type, the numbers of one layer under weight percentages `pct` (as estimate_memory
+    places them): bytes resident per tier, bytes moved per use from cpu / disk, the unpacked copy
+    (the working set), elements dequantised per use, bytes read by its matmuls, FLOPs per token."""
+    rows = []
+    for n, layer in _layer_types(family):
+        tier_b = dict.fromkeys(TIERS, 0)
+        move = dict.fromkeys(TIERS, 0)
+        stage = deq = read = flops = 0
+        sizes = [math.prod(w.shape) for w in layer.weights]
+        for spec, size, tier in zip(layer.weights, sizes, assign_by_size(sizes, pct)):
+            packed = compress and len(spec.shape) >= 2 and layer.kind in ("attention", "mlp")
+            nbytes = _packed_bytes(spec.shape, cfg) if packed else size * itemsize
+            tier_b[tier] += nbytes
+            move[tier] += nbytes
+            if tier != "gpu" or packed:
+                stage += size * itemsize
+            deq += size if packed else 0
+            if len(spec.shape) == 2 and layer.kind != "embed":
+                read += size * itemsize
+                flops += 2 * size
+        rows.append(dict(n=n, kind=layer.kind, tiers=tier_b, cpu=move["cpu"], disk=move["disk"], stage=stage,
+                         deq=deq, read=read, flops=flops, kv=layer.kv_heads, hd=layer.head_dim))
+    return rows
+
+
+@dataclass
+class Grid:
+    """Candidate policies as parallel arrays (one entry per candidate)."""
+    w_opts: list            # [(gpu%, cpu%)] weight placements
+    c_opts: list            # [(gpu%, cpu%)] cache placements
+    a_opts: list            # [(gpu%, cpu%)] activation placements
+    wi: np.ndarray
+    ci: np.ndarray
+    ai: np.ndarray
+    gbs: np.ndarray
+    ngb: np.ndarray
+    cw: np.ndarray          # compress weights (0/1)
+    cc: np.ndarray          # compress cache (0/1)
+    ccc: np.ndarray         # cpu_cache_compute (0/1)
+    pin_weight: bool = True
+    overlap: bool = True
+    base: Policy | None = None   # compression configs and other fields are taken from here
+
+    def __len__(self):
+        return len(self.wi)
+
+    def subset(self, keep) -> "Grid":
+        import dataclasses
+        arrays = {f: getattr(self, f)[keep] for f in ("wi", "ci", "ai", "gbs", "ngb", "cw", "cc", "ccc")}
+        return dataclasses.replace(self, **arrays)
+
+    def policy(self, i) -> Policy:
+        base = self.base or Policy(1, 1, 100, 0, 100, 0, 100, 0)
+        (wg, wc), (cg, cc), (ag, ac) = self.w_opts[self.wi[i]], self.c_opts[self.ci[i]], self.a_opts[self.ai[i]]
+        return base.replace(gpu_batch_size=int(self.gbs[i]), num_gpu_batches=int(self.ngb[i]),
+                            w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc,
+                            act_gpu_percent=ag, act_cpu_percent=ac, compress_weight=bool(self.cw[i]),
+                            compress_cache=bool(self.cc[i]), cpu_cache_compute=bool(self.ccc[i]),
+                            pin_weight=self.pin_weight, overlap=self.overlap)
+
+    @classmethod
+    def of_policy(cls, p: Policy) -> "Grid":
+        one = lambda v: np.array([int(v)])  # noqa: E731
+        return cls([p.percents("weight")[:2]], [p.percents("cache")[:2]], [p.percents("act")[:2]],
+                   one(0), one(0), one(0), one(p.gpu_batch_size), one(p.num_gpu_batches),
+                   one(p.compress_weight), one(p.compress_cache), one(p.cpu_cache_compute),
+                   p.pin_weight, p.overlap, p)
+
+
+def _tables(family, grid: Grid, prompt_len, gen_len, itemsize):
+    base = grid.base or Policy(1, 1, 100, 0, 100, 0, 100, 0)
+    wcfg = base.comp_weight_config
+    import dataclasses
+    ccfg = dataclasses.replace(base.comp_cache_config, group_dim=3)   # as LayerCache stores it
+    W = {(wi, c): _weight_table(family, grid.w_opts[wi] + (100 - sum(grid.w_opts[wi]),), bool(c), itemsize, wcfg)
+         for wi in np.unique(grid.wi) for c in np.unique(grid.cw)}
+    types = _layer_types(family)
+    attn = [(n, l) for n, l in types if l.kind == "attention"]
+    seq = prompt_len + gen_len
+    # cache per sequence of the block, per tier, in bytes (estimate_memory's sum, linear in gbs x ngb)
+    C = {}
+    for ci in np.unique(grid.ci):
+        pct = grid.c_opts[ci] + (100 - sum(grid.c_opts[ci]),)
+        for c in np.unique(grid.cc):
+            per_tier, heads_t = [0, 0, 0], []
+            for n, l in attn:
+                counts = split_counts(l.kv_heads, pct)
+                heads_t.append((n, l.head_dim, counts))
+                for t, h in enumerate(counts):
+                    if h:
+                        nb = _packed_bytes((seq, 1, h, l.head_dim), ccfg) if c else seq * h * l.head_dim * itemsize
+                        per_tier[t] += n * 2 * nb
+            C[(ci, c)] = (per_tier, heads_t)
+    one_cache = max((2 * seq * l.kv_heads * l.head_dim * itemsize for _, l in attn), default=0)
+    # bytes per cached element (one position, one head-dim value) when packed / not
+    rowb = {0: itemsize, 1: _packed_bytes((1, 1, 1, 64 * 16), ccfg) / (64 * 16)}
+    return W, C, attn, one_cache, rowb, ccfg
+
+
+def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: bool | None = None,
+             memory_only: bool = False):
+    """Predicted memory (per tier, bytes) and times (seconds) of every candidate in the grid.
+    Returns a dict of arrays: gpu, pinned, pageable, disk, prefill, decode_step, total, throughput."""
+    rates = Rates(profile)
+    is_cuda = rates.is_cuda if is_cuda is None else is_cuda
+    itemsize = 2 if is_cuda else 4
+    P, G = workload.prompt_len, workload.gen_len
+    info = family.info()
+    H, V = info.hidden_size, info.vocab_size
+    W, C, attn, one_cache_1, rowb, _ = _tables(family, grid, P, G, itemsize)
+    gbs = grid.gbs.astype(np.float64)
+    ngb = grid.ngb.astype(np.float64)
+    n = len(grid)
+    z = lambda: np.zeros(n)  # noqa: E731
+
+    # ---- memory (exactly estimate_memory's accounting, vectorised)
+    mem = {k: z() for k in ("gpu", "pinned", "pageable", "disk")}
+    host_key = "pinned" if is_cuda and grid.pin_weight else "pageable"
+
+    def add(tier_idx, nbytes, pinned_ok=True):
+        if tier_idx == 0:
+            mem["gpu" if is_cuda else "pageable"] += nbytes
+        elif tier_idx == 1:
+            mem[host_key if pinned_ok else ("pinned" if is_cuda else "pageable")] += nbytes
+        else:
+            mem["disk"] += nbytes
+
+    stage_max = z()
+    w_arr = {}
+    for (wi, c), rows in W.items():
+        m = (grid.wi == wi) & (grid.cw == c)
+        if not m.any():
+            continue
+        for t, tier in enumerate(TIERS):
+            add(t, np.where(m, sum(r["n"] * r["tiers"][tier] for r in rows), 0.0))
+        stage_max[m] = max(r["stage"] for r in rows)
+        w_arr[(wi, c)] = m
+    cache_heads = {}
+    for (ci, c), (per_tier, heads_t) in C.items():
+        m = (grid.ci == ci) & (grid.cc == c)
+        for t in range(3):
+            add(t, np.where(m, per_tier[t] * gbs * ngb, 0.0), pinned_ok=False)
+        cache_heads[(ci, c)] = (m, heads_t)
+    act_n = np.zeros((n, 3))
+    for ai, (ag, ac) in enumerate(grid.a_opts):
+        for g in np.unique(grid.gbs):
+            m = (grid.ai == ai) & (grid.gbs == g)
+            if m.any():
+                act_n[m] = split_counts(int(g), (ag, ac, 100 - ag - ac))
+    for t in range(3):
+        add(t, ngb * P * H * itemsize * act_n[:, t], pinned_ok=False)
+    widest = max((max(w.shape) for l in _layers(family) for w in l.weights if len(w.shape) == 2), default=0)
+    c_gpu = np.array([c[0] for c in grid.c_opts])[grid.ci]
+    c_disk = np.array([100 - sum(c) for c in grid.c_opts])[grid.ci]
+    w_disk = np.array([100 - sum(w) for w in grid.w_opts])[grid.wi]
+    a_disk = np.array([100 - sum(a) for a in grid.a_opts])[grid.ai]
+    one_cache = one_cache_1 * gbs
+    work = 2 * stage_max + np.where(c_gpu < 100, 2 * one_cache, 0.0)
+    work += 4 * gbs * P * max(widest // 4, H) * itemsize + gbs * V * 4 * 2
+    add(0, work)
+    if is_cuda:
+        mem["pinned"] += np.where((c_disk > 0) | (w_disk > 0) | (a_disk > 0),
+                                  2 * np.maximum(stage_max, one_cache), 0.0)
+
+    if memory_only:
+        return mem
+
+    # ---- time: per layer type, one prefill step and one decode step at the mean context
+    h2d_w = rates.h2d_pinned if grid.pin_weight else rates.h2d_pageable
+    ccc = grid.ccc.astype(bool)
+    act_frac = act_n / np.maximum(gbs, 1)[:, None]
+
+    def step_time(tokens: int, ctx: float, prefill: bool):
+        total = z()
+        for (wi, c), m in w_arr.items():
+            rows = W[(wi, c)]
+            ai = 0
+            for r in rows:
+                g = gbs[m]
+                k = ngb[m]
+                # weights: once per stage; from cpu over PCIe, from disk through a pinned relay
+                h2d = r["cpu"] / h2d_w + r["disk"] / rates.h2d_pinned
+                disk = r["disk"] / rates.disk_read
+                d2h = np.zeros_like(g)
+                cpu_t = np.zeros_like(g)
+                ntok = g if r["kind"] == "head" else g * tokens   # the head sees one position per sequence
+                mm = np.maximum(ntok * r["flops"] / rates.flops, r["read"] / rates.dev_bw)
+                dev = k * mm + r["deq"] / rates.dequant
+                if r["kind"] == "attention":
+                    hidx = ai
+                    ai += 1
+                    for (ci, cc_), (cm, heads_t) in cache_heads.items():
+                        mm2 = cm[m]
+                        if not mm2.any():
+                            continue
+                        _, hd, counts = heads_t[hidx]
+                        el = 2 * hd * g[mm2]   # cached K+V elements per position per head, whole GPU batch
+                        rb = rowb[int(cc_)]
+                        hg, hc, hdk = counts
+                        on_cpu = ccc[m][mm2] & ~prefill
+                        if prefill:   # the prompt's K/V stored to their tiers, attention on the device
+                            dev_a = 2 * 2 * g[mm2] * tokens * tokens / 2 * info.num_heads * hd / rates.flops
+                            st = el * tokens * rb
+                            d2h_a = k[mm2] * st * (hc + hdk) / rates.d2h
+                            disk_a = k[mm2] * st * hdk / rates.disk_write
+                            h2d_a = 0.0
+                            cpu_a = 0.0
+                        else:         # read the whole cache: on the device, over PCIe, or on the CPU
+                            resident = el * ctx * hg
+                            moved = el * ctx * (np.where(on_cpu, 0, hc) + hdk)
+                            deq = (el * ctx * (hg + np.where(on_cpu, 0, hc) + hdk)) if cc_ else 0.0
+                            dev_a = k[mm2] * ((resident + moved) * itemsize / rates.dev_bw + deq / rates.dequant)
+                            h2d_a = k[mm2] * moved * rb / rates.h2d_pinned
+                            disk_a = k[mm2] * (el * ctx * hdk * rb / rates.disk_read + el * hdk * rb / rates.disk_write)
+                            d2h_a = k[mm2] * el * (hc + hdk) * rb / rates.d2h
+                            cpu_a = np.where(on_cpu, k[mm2] * (el * ctx * hc * 2 / rates.cpu_attn +
+                                                              (el * ctx * hc / rates.cpu_dequant if cc_ else 0)), 0.0)
+                        idx = np.flatnonzero(mm2)
+                        dev[idx] += dev_a
+                        h2d = h2d + np.zeros_like(g)
+                        h2d[idx] += h2d_a
+                        d2h[idx] += d2h_a
+                        disk = disk + np.zeros_like(g)
+                        disk[idx] += disk_a
+                        cpu_t[idx] += cpu_a
+                # activations kept off the device: out and back in, per GPU batch
+                hid = ntok / np.maximum(g, 1) * H * itemsize   # per sequence
+                af = act_frac[m]
+                h2d = h2d + k * g * hid * (af[:, 1] + af[:, 2]) / rates.h2d_pinned
+                d2h = d2h + k * g * hid * (af[:, 1] + af[:, 2]) / rates.d2h
+                disk = disk + k * g * hid * af[:, 2] * (1 / rates.disk_read + 1 / rates.disk_write)
+                host = k * rates.overhead
+                compute = np.maximum(dev, host) + cpu_t
+                if grid.overlap:
+                    t = np.maximum.reduce([h2d + 0 * g, d2h, disk + 0 * g, compute])
+                else:
+                    t = h2d + d2h + disk + compute
+                total[m] += r["n"] * t
+        return total
+
+    prefill = step_time(P, P, True)
+    decode = step_time(1, P + G / 2.0, False) if G > 1 else z()
+    block = gbs * ngb
+    prompts = block if workload.num_prompts is None else np.full(n, float(workload.num_prompts))
+    blocks = np.ceil(prompts / block)
+    total = blocks * (prefill + (G - 1) * decode)
+    return dict(mem, prefill=prefill, decode_step=decode, total=total, throughput=prompts * G / total)
+
+
+def predict(family, workload: Workload, policy: Policy, profile: dict, is_cuda: bool | None = None) -> Prediction:
+    """One policy's predicted times, throughput and peak memory (memory_model.estimate_memory)."""
+    r = evaluate(family, Grid.of_policy(policy), workload, profile, is_cuda)
+    cuda = Rates(profile).is_cuda if is_cuda is None else is_cuda
+    est = estimate_memory(family, policy, workload.prompt_len, workload.gen_len, cuda)
+    return Prediction(float(r["prefill"][0]), float(r["decode_step"][0]), float(r["total"][0]),
+                      float(r["throughput"][0]), est)

@@ -1,0 +1,95 @@
+"""Search for the highest-throughput policy that fits given memory limits.
+
+The space: weight and cache percentages in steps of 20 (gpu, cpu; the rest
+on disk), activations on the device or in CPU memory, gpu_batch_size 1..64 (powers of two),
+num_gpu_batches 1..16, 4-bit weight compression on/off, 4-bit cache compression on/off, CPU
+attention on/off (only where some cache is in CPU memory). Every candidate's memory is predicted
+with memory_model's accounting (vectorised in cost_model.evaluate); those that fit are timed by the
+cost model; the best are re-checked one by one with estimate_memory + shortfalls.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..policy import Policy
+from .cost_model import Grid, Prediction, Workload, evaluate, predict
+from .memory_model import MachineMemory, estimate_memory, shortfalls
+
+GBS = (1, 2, 4, 8, 16, 32, 64)
+NGB = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+class NoPolicyFits(ValueError):
+    """No policy in the search space fits the memory limits."""
+
+
+@dataclass
+class Candidate:
+    policy: Policy
+    prediction: Prediction
+
+
+def _pairs(step):
+    return [(g, c) for g in range(0, 101, step) for c in range(0, 101 - g, step)]
+
+
+def build_grid(base: Policy | None = None, w_step=20, c_step=20, gbs=GBS, ngb=NGB,
+               compress=(False, True), cpu_attention=(False, True)) -> Grid:
+    w_opts, c_opts, a_opts = _pairs(w_step), _pairs(c_step), [(100, 0), (0, 100)]
+    flags = [int(x) for x in compress]
+    axes = [range(len(w_opts)), range(len(c_opts)), range(len(a_opts)), gbs, ngb, flags, flags,
+            [int(x) for x in cpu_attention]]
+    arr = np.array(list(itertools.product(*axes)), dtype=np.int64).T
+    wi, ci, ai, g, k, cw, cc, ccc = arr
+    c_cpu = np.array([c[1] for c in c_opts])[ci]
+    keep = ~((ccc == 1) & (c_cpu == 0))     # CPU attention only where some cache is on the CPU
+    grid = Grid(w_opts, c_opts, a_opts, wi, ci, ai, g, k, cw, cc, ccc,
+                pin_weight=True if base is None else base.pin_weight,
+                overlap=True if base is None else base.overlap, base=base)
+    return grid.subset(keep)
+
+
+def _fits(mem_arrays, limits: MachineMemory, margin=0.95):
+    """shortfalls()'s rule on arrays."""
+    gpu, host = mem_arrays["gpu"], mem_arrays["pinned"] + mem_arrays["pageable"]
+    ok = np.ones(len(gpu), dtype=bool)
+    if limits.gpu is not None:
+        ok &= gpu <= limits.gpu * margin
+    else:
+        host = host + gpu
+    ok &= host <= limits.host * margin
+    ok &= mem_arrays["disk"] <= limits.disk * margin
+    return ok
+
+
+def search(family, workload: Workload, limits: MachineMemory, profile: dict, top: int = 5,
+           base: Policy | None = None, grid: Grid | None = None) -> list[Candidate]:
+    """The `top` best policies (highest predicted throughput first) that fit `limits`."""
+    is_cuda = limits.gpu is not None
+    grid = grid or build_grid(base)
+    mem = evaluate(family, grid, workload, profile, is_cuda, memory_only=True)
+    fit = grid.subset(_fits(mem, limits))
+    if not len(fit):
+        raise NoPolicyFits("no policy fits")
+    res = evaluate(family, fit, workload, profile, is_cuda)
+    # highest throughput first; among equals the smaller memory footprint, then simpler policies
+    footprint = res["gpu"] + res["pinned"] + res["pageable"]
+    order = np.lexsort((fit.cw + fit.cc + fit.ccc, footprint, -np.round(res["throughput"], 6)))
+    out, seen = [], set()
+    for i in order:
+        pol = fit.policy(i)
+        if pol in seen:
+            continue
+        seen.add(pol)
+        est = estimate_memory(family, pol, workload.prompt_len, workload.gen_len, is_cuda)
+        if shortfalls(est, limits):   # the vectorised estimate disagrees: trust the exact one
+            continue
+        out.append(Candidate(pol, predict(family, workload, pol, profile, is_cuda)))
+        if len(out) >= top:
+            break
+    if not out:
+        raise NoPolicyFits("no policy fits")
+    return out

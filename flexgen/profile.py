@@ -1,0 +1,257 @@
+"""Measure this machine for the performance model and save the figures as JSON.
+
+    python3 -m flexgen.profile [--out PATH] [--offload-dir DIR] [--quick]
+
+What is measured (every rate is what the cost model in flexgen/optimizer/cost_model.py reads):
+- gpu (CUDA only, else null): host<->device copy bandwidth, pinned and pageable; device memory
+  bandwidth (a device-to-device copy); fp16 matmul rate at a few shapes (a decode-like skinny one,
+  a prefill-like square one); the dequantisation rate of flexgen.memory.compression on the GPU.
+- cpu: matmul (fp32) and decode-attention rates by thread count (1, 2, 4, ... up to the cores,
+  capped at 32), memory bandwidth (a copy), dequantisation rate.
+- disk: read and write bandwidth of a temporary file in the offload directory, bypassing the page
+  cache (O_DIRECT where the OS allows it, else fsync + posix_fadvise(DONTNEED) before reading).
+
+The result goes to a per-machine cache, ~/.cache/flexgen/profile-<hostname>.json by default
+(FLEXGEN_PROFILE overrides the path, and so does --out). The whole run takes well under two
+minutes; --quick (smaller sizes, fewer repeats) well under twenty seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import socket
+import sys
+import tempfile
+import time
+
+GiB = 1 << 30
+MAX_THREADS = 32
+
+
+def default_profile_path() -> str:
+    env = os.environ.get("FLEXGEN_PROFILE")
+    if env:
+        return os.path.expanduser(env)
+    return os.path.join(os.path.expanduser("~/.cache/flexgen"), f"profile-{socket.gethostname()}.json")
+
+
+def load_profile(path: str | None = None) -> dict | None:
+    """The saved profile at path (default: this machine's cache), or None if there is none."""
+    path = os.path.expanduser(path) if path else default_profile_path()
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _timeit(fn, reps: int, sync=None, budget_s: float = 2.0) -> float:
+    """Best time of fn() over up to `reps` repeats (after one warm-up), stopping after budget_s."""
+    fn()
+    if sync:
+        sync()
+    best = float("inf")
+    start = time.perf_counter()
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        best = min(best, time.perf_counter() - t)
+        if time.perf_counter() - start > budget_s:
+            break
+    return best
+
+
+def thread_counts(cores: int) -> list[int]:
+    cap = min(cores, MAX_THREADS)
+    out, t = [], 1
+    while t < cap:
+        out.append(t)
+        t *= 2
+    out.append(cap)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- CPU
+def profile_cpu(quick: bool) -> dict:
+    import torch
+    from .engine.attention import attend
+    from .memory.compression import compress, decompress
+    from .policy import CompressionConfig
+
+    cores = os.cpu_count() or 1
+    threads = thread_counts(cores)
+    old = torch.get_num_threads()
+    n = 512 if quick else 1024
+    reps = 3 if quick else 5
+    budget = 0.6 if quick else 2.0
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    # decode attention as the engine runs it next to a CPU cache: fp16 cache -> fp32 math
+    bsz, heads, d, S = (4, 16, 64, 512) if quick else (8, 32, 128, 1024)
+    q = torch.randn(bsz, 1, heads, d)
+    kc = torch.randn(S, bsz, heads, d).half()
+    vc = torch.randn(S, bsz, heads, d).half()
+    valid = torch.ones(bsz, S, dtype=torch.bool)
+    cache_bytes = 2 * kc.numel() * kc.element_size()
+    w = torch.randn(1024, 1024 if quick else 4096)
+    packed = compress(w, CompressionConfig(num_bits=4, group_size=64, group_dim=0))
+    out = {"cores": cores, "threads": threads, "matmul_gflops": {}, "attention_gib_s": {}, "dequant_gelem_s": {}}
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            sec = _timeit(lambda: a @ b, reps, budget_s=budget)
+            out["matmul_gflops"][str(t)] = 2 * n ** 3 / sec / 1e9
+            sec = _timeit(lambda: attend(q, kc.permute(1, 0, 2, 3).float(), vc.permute(1, 0, 2, 3).float(),
+                                         valid, 0.125), reps, budget_s=budget)
+            out["attention_gib_s"][str(t)] = cache_bytes / sec / GiB
+            sec = _timeit(lambda: decompress(packed, torch.float32), reps, budget_s=budget)
+            out["dequant_gelem_s"][str(t)] = w.numel() / sec / 1e9
+        torch.set_num_threads(threads[-1])
+        big = torch.empty((64 if quick else 256) << 20, dtype=torch.uint8)
+        dst = torch.empty_like(big)
+        sec = _timeit(lambda: dst.copy_(big), reps, budget_s=budget)
+        out["mem_bw_gib_s"] = 2 * big.numel() / sec / GiB  # read + write
+    finally:
+        torch.set_num_threads(old)
+    return out
+
+
+# --------------------------------------------------------------------------------------- disk
+def profile_disk(path: str, quick: bool) -> dict:
+    os.makedirs(path, exist_ok=True)
+    size = (32 if quick else 256) << 20
+    chunk = 4 << 20
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(1 << 16) * (chunk >> 16))
+    fd_tmp, name = tempfile.mkstemp(dir=path, prefix=".flexgen-profile-")
+    os.close(fd_tmp)
+    result = {"path": path, "bytes": size}
+    try:
+        direct = hasattr(os, "O_DIRECT")
+        try:
+            fd = os.open(name, os.O_WRONLY | (os.O_DIRECT if direct else 0))
+        except OSError:
+            direct = False
+            fd = os.open(name, os.O_WRONLY)
+        t = time.perf_counter()
+        try:
+            for _ in range(size // chunk):
+                os.write(fd, buf)
+        except OSError:  # O_DIRECT accepted at open but not at write (some filesystems)
+            os.close(fd)
+            direct = False
+            fd = os.open(name, os.O_WRONLY | os.O_TRUNC)
+            t = time.perf_counter()
+            for _ in range(size // chunk):
+                os.write(fd, buf)
+        os.fsync(fd)
+        result["write_gib_s"] = size / (time.perf_counter() - t) / GiB
+        os.close(fd)
+        fd = os.open(name, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        if not direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t = time.perf_counter()
+        while os.readv(fd, [buf]) > 0:
+            pass
+        result["read_gib_s"] = size / (time.perf_counter() - t) / GiB
+        os.close(fd)
+        result["direct_io"] = direct
+    finally:
+        os.unlink(name)
+        buf.close()
+    return result
+
+
+# ---------------------------------------------------------------------------------------- GPU
+def profile_gpu(quick: bool) -> dict | None:
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    from .memory.compression import compress, decompress
+    from .policy import CompressionConfig
+
+    dev = torch.device("cuda")
+    sync = torch.cuda.synchronize
+    reps = 3 if quick else 10
+    budget = 1.0 if quick else 3.0
+    nbytes = (256 if quick else 1024) << 20
+    out = {"name": torch.cuda.get_device_name(dev), "mem_bytes": torch.cuda.get_device_properties(dev).total_memory}
+    d = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    for pin in (True, False):
+        h = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        kind = "pinned" if pin else "pageable"
+        out[f"h2d_{kind}_gib_s"] = nbytes / _timeit(lambda: d.copy_(h, non_blocking=pin), reps, sync, budget) / GiB
+        out[f"d2h_{kind}_gib_s"] = nbytes / _timeit(lambda: h.copy_(d, non_blocking=pin), reps, sync, budget) / GiB
+    d2 = torch.empty_like(d)
+    out["mem_bw_gib_s"] = 2 * nbytes / _timeit(lambda: d2.copy_(d), reps, sync, budget) / GiB
+    shapes = [(64, 8192, 8192), (4096, 8192, 8192)] if quick else \
+        [(8, 8192, 8192), (64, 8192, 8192), (512, 8192, 8192), (4096, 8192, 8192), (8192, 8192, 8192)]
+    out["fp16_tflops"] = {}
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=dev, dtype=torch.float16)
+        b = torch.randn(k, n, device=dev, dtype=torch.float16)
+        sec = _timeit(lambda: a @ b, reps, sync, budget)
+        out["fp16_tflops"][f"{m}x{k}x{n}"] = 2 * m * k * n / sec / 1e12
+    out["fp16_tflops_best"] = max(out["fp16_tflops"].values())
+    w = torch.randn(4096, 4096 if quick else 16384, device=dev, dtype=torch.float16)
+    packed = compress(w, CompressionConfig(num_bits=4, group_size=64, group_dim=0))
+    out["dequant_gelem_s"] = w.numel() / _timeit(lambda: decompress(packed, torch.float16), reps, sync, budget) / 1e9
+    return out
+
+
+def run_profile(offload_dir: str | None = None, quick: bool = False) -> dict:
+    import torch
+    offload_dir = os.path.abspath(os.path.expanduser(offload_dir or os.path.join(tempfile.gettempdir(), "flexgen_offload")))
+    t0 = time.perf_counter()
+    prof = {
+        "version": 1,
+        "source": "measured by python3 -m flexgen.profile",
+        "hostname": socket.gethostname(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": quick,
+        "torch": torch.__version__,
+        "gpu": profile_gpu(quick),
+        "cpu": profile_cpu(quick),
+        "disk": profile_disk(offload_dir, quick),
+    }
+    prof["seconds"] = time.perf_counter() - t0
+    return prof
+
+
+def save_profile(prof: dict, path: str) -> str:
+    path = os.path.expanduser(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(prof, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m flexgen.profile", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None, help=f"where to save the JSON (default {default_profile_path()})")
+    p.add_argument("--offload-dir", default=None, help="directory whose disk bandwidth is measured")
+    p.add_argument("--quick", action="store_true", help="smaller measurements (< 20 s)")
+    args = p.parse_args(argv)
+    prof = run_profile(args.offload_dir, args.quick)
+    path = save_profile(prof, args.out or default_profile_path())
+    g, c, d = prof["gpu"], prof["cpu"], prof["disk"]
+    if g:
+        print(f"gpu {g['name']}: h2d pinned {g['h2d_pinned_gib_s']:.1f} GiB/s, pageable {g['h2d_pageable_gib_s']:.1f}; "
+              f"memory {g['mem_bw_gib_s']:.0f} GiB/s; fp16 {g['fp16_tflops_best']:.0f} TFLOP/s")
+    else:
+        print("gpu: none (CPU-only profile)")
+    t = str(c["threads"][-1])
+    print(f"cpu {c['cores']} cores: matmul {c['matmul_gflops'][t]:.0f} GFLOP/s, attention "
+          f"{c['attention_gib_s'][t]:.1f} GiB/s of cache at {t} threads")
+    print(f"disk {d['path']}: read {d['read_gib_s']:.2f} GiB/s, write {d['write_gib_s']:.2f} GiB/s "
+          f"({'O_DIRECT' if d['direct_io'] else 'fsync + fadvise'})")
+    print(f"saved {path} ({prof['seconds']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
