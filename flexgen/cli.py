@@ -75,6 +75,23 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str, default_p
                         help="run even when the memory check predicts the policy does not fit")
     parser.add_argument("--prompt", action="append", help="prompt text (repeatable); default: FlexGen's prompt")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    parser.add_argument("--cpu-threads", type=str, default="auto",
+                        help="torch intra-op threads for CPU compute: N or auto (see flexgen/parallel.py)")
+    parser.add_argument("--io-threads", type=str, default="auto",
+                        help="workers per I/O pool (disk reads/writes): N or auto")
+    parser.add_argument("--cpu-numa-node", type=str, default=None,
+                        help="allocate the CPU tier on this NUMA node (e.g. a CXL memory expander)")
+    parser.add_argument("--cpu-numa-interleave", type=str, default=None,
+                        help="interleave the CPU tier across these NUMA nodes, e.g. 0,1")
+
+
+def env_from_args(args) -> ExecutionEnv:
+    """ExecutionEnv.create with the shared flags (device, offload dir, threads, NUMA)."""
+    return ExecutionEnv.create(args.offload_dir, device=args.device,
+                               cpu_threads=getattr(args, "cpu_threads", None),
+                               io_threads=getattr(args, "io_threads", None),
+                               numa_node=getattr(args, "cpu_numa_node", None),
+                               numa_interleave=getattr(args, "cpu_numa_interleave", None))
 
 
 def policy_from_args(args) -> Policy:
@@ -160,7 +177,7 @@ def run(args, lm_class, log_prefix: str):
     if args.prompt_len + args.gen_len > info.max_seq_len:  # say so before loading any weights
         raise GenerationError(f"--prompt-len {args.prompt_len} + --gen-len {args.gen_len} exceeds the model's "
                               f"context of {info.max_seq_len} positions")
-    env = ExecutionEnv.create(args.offload_dir, device=args.device)
+    env = env_from_args(args)
     if not args.force:
         try:
             preflight(family, policy, args.prompt_len, args.gen_len, env)
@@ -171,7 +188,7 @@ def run(args, lm_class, log_prefix: str):
     gen_len, cut_gen_len = args.gen_len, args.cut_gen_len
 
     print(f"<{lm_class.__name__}> device: {env.device}, dtype: {str(env.compute_dtype).split('.')[-1]}, "
-          f"torch threads: {torch.get_num_threads()}")
+          f"{env.describe_parallel()}")
     model = None
     try:
         model = lm_class(args.model, env, args.path, policy, progress=args.verbose >= 1)
@@ -181,6 +198,7 @@ def run(args, lm_class, log_prefix: str):
         hidden_size = fam.hidden_bytes(num_prompts, args.prompt_len + gen_len)
         print(f"model size: {fam.model_bytes() / GB:.3f} GB, cache size: {cache_size / GB:.3f} GB, "
               f"hidden size (prefill): {hidden_size / GB:.3f} GB")
+        print(f"host memory held after loading weights: {env.host_bytes.describe()}")
 
         print("warmup - generate")
         warm = min(32, args.prompt_len)
@@ -226,6 +244,7 @@ def run(args, lm_class, log_prefix: str):
                 f.write(log_str + "\n")
         if args.verbose >= 1:
             print(f"peak host mem (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f} GB")
+            print(f"peak host mem held (CPU tier + staging): {env.host_bytes.describe(peak=True)}")
             print(log_str)
         if args.debug_mode == "breakdown":
             print("per-step latency (s):", " ".join(f"{x:.4f}" for x in t["prefill"] + t["decode"]))
@@ -264,7 +283,7 @@ def open_model(args, policy=None, need_tokenizer: bool = False):
     policy = policy or policy_from_args(args)
     cls = lm_class_for(args.model)
     path = args.path or DEFAULT_PATHS[cls.family_name]
-    env = ExecutionEnv.create(args.offload_dir, device=args.device)
+    env = env_from_args(args)
     try:
         lm = cls(args.model, env, path, policy, progress=args.verbose >= 1)
     except BaseException:

@@ -2,6 +2,18 @@
 
 FlexGen's `ExecutionEnv.create(offload_dir)` is kept. The environment owns allocation on each
 tier, the moves between tiers, and the worker threads that let I/O overlap compute.
+
+Parallelism control (`cpu_threads`, `io_threads`; see flexgen/parallel.py for the `auto` rule):
+torch's intra-op thread count is set at creation, and each I/O pool gets `io_threads` workers.
+More than one worker per pool keeps the engine's ordering: every load that must follow a store of
+the same buffer waits for that store's future (engine/io.py, `after=`), a buffer's next store only
+comes after compute that consumed its previous load, disk reads and writes are positional
+(pread/pwrite on distinct rows), and each worker thread has its own staging buffer and side stream.
+
+NUMA / CXL (`numa_node`, `numa_interleave`; flexgen/memory/numa.py): the CPU tier's allocations
+(weights, cache and activations homed on "cpu", and the disk relays' staging buffers) are placed
+on the chosen nodes. Host bytes held by those allocations are counted (pinned and pageable, live
+and peak) for the run's report.
 """
 from __future__ import annotations
 
@@ -9,27 +21,86 @@ import concurrent.futures as cf
 import os
 import shutil
 import tempfile
+import threading
+import weakref
 
 import torch
 
 from .memory.disk import DiskTensor
+from .memory.numa import NumaPlacement
 from .memory.placement import Staging
+from .parallel import ThreadSplit, resolve_threads
 from .policy import PolicyError
 
 
+class HostBytes:
+    """Host memory held by the environment's CPU-tier allocations and staging buffers: live bytes
+    (an allocation stops counting when its tensor is freed) and the peak, pinned and pageable
+    apart."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.live = {True: 0, False: 0}
+        self.peak = {True: 0, False: 0}
+
+    def add(self, t: torch.Tensor, pinned: bool) -> torch.Tensor:
+        n = t.numel() * t.element_size()
+        with self._lock:
+            self.live[pinned] += n
+            self.peak[pinned] = max(self.peak[pinned], self.live[pinned])
+        weakref.finalize(t, self._sub, n, pinned)
+        return t
+
+    def _sub(self, n, pinned):
+        with self._lock:
+            self.live[pinned] -= n
+
+    @property
+    def pinned(self) -> int:
+        return self.live[True]
+
+    @property
+    def pageable(self) -> int:
+        return self.live[False]
+
+    def describe(self, peak: bool = False) -> str:
+        src = self.peak if peak else self.live
+        return f"pinned {src[True] / 2**30:.3f} GiB, pageable {src[False] / 2**30:.3f} GiB"
+
+
 class ExecutionEnv:
-    def __init__(self, device: torch.device, offload_dir: str):
+    def __init__(self, device: torch.device, offload_dir: str, threads: ThreadSplit | None = None,
+                 numa: NumaPlacement | None = None):
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
         self.offload_dir = offload_dir
-        self._staging = Staging()
+        if threads is None:  # constructed directly: leave torch alone, one worker per pool
+            threads = ThreadSplit(torch.get_num_threads(), 1, False, False, torch.get_num_threads())
+        self.threads = threads
+        self.numa = numa
+        self.host_bytes = HostBytes()
+        self._staging = Staging(alloc=self._alloc_staging)
         self._pools = {}
         self._streams = {}
+        self._lock = threading.Lock()
         self._disk_tensors = []
+
+    @property
+    def cpu_threads(self) -> int:
+        return self.threads.cpu_threads
+
+    @property
+    def io_threads(self) -> int:
+        return self.threads.io_threads
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def create(cls, offload_dir: str | None = None, device: str | None = None) -> "ExecutionEnv":
+    def create(cls, offload_dir: str | None = None, device: str | None = None, cpu_threads=None,
+               io_threads=None, numa_node=None, numa_interleave=None) -> "ExecutionEnv":
+        """cpu_threads / io_threads: a positive int, "auto" or None (auto); numa_node: a node for
+        the CPU tier (bind); numa_interleave: "a,b" or a list of nodes. Bad values: PolicyError."""
+        threads = resolve_threads(cpu_threads, io_threads)
+        numa = NumaPlacement.from_args(numa_node, numa_interleave)
         if device is None or device == "auto":
             device = "cuda:0" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
@@ -46,7 +117,8 @@ class ExecutionEnv:
             probe.close()
         except OSError as e:
             raise PolicyError(f"offload dir {offload_dir} cannot be written: {e.strerror}") from e
-        return cls(dev, offload_dir)
+        torch.set_num_threads(threads.cpu_threads)
+        return cls(dev, offload_dir, threads, numa)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -57,12 +129,22 @@ class ExecutionEnv:
         if tier == "gpu":
             return torch.empty(shape, dtype=dtype, device=self.device)
         if tier == "cpu":
-            return torch.empty(shape, dtype=dtype, pin_memory=bool(pin and self.is_cuda))
+            return self._alloc_host(shape, dtype, bool(pin and self.is_cuda))
         if tier == "disk":
             t = DiskTensor(self.offload_dir, shape, dtype, name=name)
             self._disk_tensors.append(t)
             return t
         raise ValueError(tier)
+
+    def _alloc_host(self, shape, dtype, pinned: bool) -> torch.Tensor:
+        if self.numa is not None:
+            t = self.numa.allocate(shape, dtype, pinned)
+        else:
+            t = torch.empty(shape, dtype=dtype, pin_memory=pinned)
+        return self.host_bytes.add(t, pinned)
+
+    def _alloc_staging(self, nbytes: int, pin: bool) -> torch.Tensor:
+        return self._alloc_host((nbytes,), torch.uint8, bool(pin and self.is_cuda))
 
     # ---- moves --------------------------------------------------------------------------------
     def to_compute(self, t: torch.Tensor) -> torch.Tensor:
@@ -93,17 +175,32 @@ class ExecutionEnv:
 
     # ---- streams and worker threads -----------------------------------------------------------
     def pool(self, name: str) -> cf.ThreadPoolExecutor:
-        if name not in self._pools:
-            self._pools[name] = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"flexgen-{name}")
-        return self._pools[name]
+        """The worker pool for one kind of I/O ("load", "store"), io_threads workers."""
+        with self._lock:
+            if name not in self._pools:
+                self._pools[name] = cf.ThreadPoolExecutor(max_workers=self.io_threads,
+                                                          thread_name_prefix=f"flexgen-{name}")
+            return self._pools[name]
 
     def stream(self, name: str):
-        """A CUDA side stream for one worker (None on the CPU)."""
+        """A CUDA side stream for one kind of work, one per calling thread (None on the CPU), so a
+        pool worker that synchronises its stream waits only for its own copies."""
         if not self.is_cuda:
             return None
-        if name not in self._streams:
-            self._streams[name] = torch.cuda.Stream(self.device)
-        return self._streams[name]
+        key = (name, threading.get_ident())
+        with self._lock:
+            if key not in self._streams:
+                self._streams[key] = torch.cuda.Stream(self.device)
+            return self._streams[key]
+
+    def describe_parallel(self) -> str:
+        """The run's header fields for threads, NUMA placement and host memory held."""
+        t = self.threads
+        out = (f"torch threads: {torch.get_num_threads()}{' (auto)' if t.cpu_auto else ''}, "
+               f"io threads: {t.io_threads}{' (auto)' if t.io_auto else ''} of {t.cores} cores")
+        if self.numa is not None:
+            out += f", cpu numa: {self.numa.describe()}"
+        return out
 
     def synchronize(self):
         if self.is_cuda:
@@ -121,4 +218,5 @@ class ExecutionEnv:
         self._disk_tensors = []
 
     def __repr__(self):
-        return f"ExecutionEnv(device={self.device}, offload_dir={self.offload_dir})"
+        return (f"ExecutionEnv(device={self.device}, offload_dir={self.offload_dir}, "
+                f"cpu_threads={self.cpu_threads}, io_threads={self.io_threads}, numa={self.numa})")

@@ -48,14 +48,22 @@ class Staging(threading.local):
     """One reusable pinned host buffer per thread, for disk <-> GPU relays.
 
     Pinning is slow and finite, so each I/O thread keeps one buffer and grows it on demand
-    instead of pinning per transfer."""
+    instead of pinning per transfer: the relays hold at most (threads using them) x (the largest
+    transfer). `alloc(nbytes, pin)`, shared by every thread's instance, makes the buffer: the
+    environment passes its own, which places it on the CPU tier's NUMA nodes and counts its bytes.
+    """
 
-    def __init__(self):
+    def __init__(self, alloc=None):
         self.buf = None
+        self.alloc = alloc
 
     def get(self, nbytes: int, pin: bool) -> torch.Tensor:
         if self.buf is None or self.buf.numel() < nbytes:
-            self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+            self.buf = None  # free the smaller buffer before making the larger one
+            if self.alloc is not None:
+                self.buf = self.alloc(nbytes, pin)
+            else:
+                self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         return self.buf[:nbytes]
 
 
