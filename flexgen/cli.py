@@ -37,6 +37,10 @@ def positive_int(v):
     return n
 
 
+def positive_int_or_auto(v):
+    return "auto" if v == "auto" else positive_int(v)
+
+
 def add_arguments(parser: argparse.ArgumentParser, default_model: str, default_path: str):
     parser.add_argument("--model", type=str, default=default_model,
                         help="model name, local Hugging Face checkpoint directory, or .gguf file")
@@ -48,11 +52,16 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str, default_p
     parser.add_argument("--gen-len", type=positive_int, default=32)
     parser.add_argument("--cut-gen-len", type=positive_int, help="cut generation length for fast debugging")
     parser.add_argument("--debug-mode", type=str, choices=["fewer_batch", "breakdown"])
-    parser.add_argument("--gpu-batch-size", type=positive_int, default=4)
-    parser.add_argument("--num-gpu-batches", type=positive_int, default=1)
-    parser.add_argument("--percent", nargs="+", type=float, default=[100, 0, 100, 0, 100, 0],
+    parser.add_argument("--gpu-batch-size", type=positive_int_or_auto, default=4, help="a number, or auto")
+    parser.add_argument("--num-gpu-batches", type=positive_int_or_auto, default=1, help="a number, or auto")
+    parser.add_argument("--percent", nargs="+", default=["100", "0", "100", "0", "100", "0"],
                         help="six numbers: weight gpu/cpu %%, cache gpu/cpu %%, activation gpu/cpu %% "
-                             "(the rest of each goes to disk)")
+                             "(the rest of each goes to disk); or auto: the performance model picks the "
+                             "policy (and compression, CPU attention) that fits --gpu-mem/--cpu-mem/--disk-mem")
+    from .optimizer.memory_model import parse_size
+    parser.add_argument("--gpu-mem", type=parse_size, help="GPU memory for --percent auto (default: free now)")
+    parser.add_argument("--cpu-mem", type=parse_size, help="host memory for --percent auto (default: available)")
+    parser.add_argument("--disk-mem", type=parse_size, help="disk for --percent auto (default: free in offload dir)")
     parser.add_argument("--sep-layer", type=str2bool, nargs="?", const=True, default=True)
     parser.add_argument("--pin-weight", type=str2bool, nargs="?", const=True, default=True)
     parser.add_argument("--cpu-cache-compute", action="store_true")
@@ -94,11 +103,27 @@ def env_from_args(args) -> ExecutionEnv:
                                numa_interleave=getattr(args, "cpu_numa_interleave", None))
 
 
-def policy_from_args(args) -> Policy:
-    if len(args.percent) != 6:
-        raise PolicyError(f"--percent takes six numbers (weight gpu cpu, cache gpu cpu, act gpu cpu), "
-                          f"got {len(args.percent)}")
-    return Policy(args.gpu_batch_size, args.num_gpu_batches, *args.percent,
+def wants_auto(args) -> bool:
+    return list(args.percent) == ["auto"]
+
+
+def policy_from_args(args, gpu_batch_size=None, num_gpu_batches=None, percent=None) -> Policy:
+    """The policy the flags spell; the arguments stand in for flags given as auto."""
+    if percent is None:
+        if list(args.percent) == ["auto"]:
+            raise PolicyError("--percent auto is for flex_opt and flex_llama runs; give six numbers here")
+        if len(args.percent) != 6:
+            raise PolicyError(f"--percent takes six numbers (weight gpu cpu, cache gpu cpu, act gpu cpu), "
+                              f"got {len(args.percent)}")
+        try:
+            percent = [float(x) for x in args.percent]
+        except ValueError:
+            raise PolicyError(f"--percent takes numbers, got {' '.join(args.percent)}") from None
+    gbs = gpu_batch_size or args.gpu_batch_size
+    ngb = num_gpu_batches or args.num_gpu_batches
+    if "auto" in (gbs, ngb):
+        raise PolicyError("--gpu-batch-size auto and --num-gpu-batches auto need --percent auto")
+    return Policy(gbs, ngb, *percent,
                   overlap=args.overlap, sep_layer=args.sep_layer, pin_weight=args.pin_weight,
                   cpu_cache_compute=args.cpu_cache_compute, attn_sparsity=args.attn_sparsity,
                   compress_weight=args.compress_weight,
@@ -111,7 +136,7 @@ def policy_from_args(args) -> Policy:
 
 def get_filename(args, prefix: str) -> str:
     size = args.model.rstrip("/").split("-")[-1]
-    percent = "".join(f"{p:g}-" for p in args.percent)
+    percent = "".join(f"{float(p):g}-" if p != "auto" else "auto-" for p in args.percent)
     name = (f"{prefix}-{size}-gbs{args.gpu_batch_size}-ngbs{args.num_gpu_batches}-prompt{args.prompt_len}-"
             f"gen{args.gen_len}-percent-{percent}")
     name += "cpu-cache" if args.cpu_cache_compute else "gpu-cache"
@@ -171,19 +196,24 @@ def run(args, lm_class, log_prefix: str):
 
     from .optimizer.memory_model import preflight
 
-    policy = policy_from_args(args)
+    auto = wants_auto(args)
+    policy = None if auto else policy_from_args(args)
     family = resolve_model(args.model, lm_class.family_name).family
     info = family.info()
     if args.prompt_len + args.gen_len > info.max_seq_len:  # say so before loading any weights
         raise GenerationError(f"--prompt-len {args.prompt_len} + --gen-len {args.gen_len} exceeds the model's "
                               f"context of {info.max_seq_len} positions")
     env = env_from_args(args)
-    if not args.force:
-        try:
+    chosen = None
+    try:
+        if auto:
+            chosen = choose_auto_policy(args, family, env)
+            policy = chosen.policy
+        if not args.force:
             preflight(family, policy, args.prompt_len, args.gen_len, env)
-        except BaseException:
-            env.close_copy_threads()
-            raise
+    except BaseException:
+        env.close_copy_threads()
+        raise
     num_prompts = policy.block_size
     gen_len, cut_gen_len = args.gen_len, args.cut_gen_len
 
@@ -246,6 +276,11 @@ def run(args, lm_class, log_prefix: str):
             print(f"peak host mem (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f} GB")
             print(f"peak host mem held (CPU tier + staging): {env.host_bytes.describe(peak=True)}")
             print(log_str)
+        if chosen is not None:
+            pr = chosen.prediction
+            print(f"predicted vs measured: prefill {pr.prefill_s:.3f} / {prefill_latency:.3f} s, decode step "
+                  f"{pr.decode_step_s:.4f} / {decode_latency / max(gen_len - 1, 1):.4f} s, throughput "
+                  f"{pr.throughput:.3f} / {total_throughput:.3f} token/s")
         if args.debug_mode == "breakdown":
             print("per-step latency (s):", " ".join(f"{x:.4f}" for x in t["prefill"] + t["decode"]))
     finally:
@@ -264,6 +299,36 @@ def user_errors() -> tuple:
     from .models.registry import ModelNotFound
     from .weights import WeightsError
     return (PolicyError, ModelNotFound, WeightsError, GenerationError, DiskFullError)
+
+
+def choose_auto_policy(args, family, env):
+    """--percent auto: the performance model's best policy within this machine's free memory (or
+    --gpu-mem/--cpu-mem/--disk-mem), printed as the equivalent explicit flags before the run."""
+    from .optimizer.memory_model import GiB, MachineMemory, available_memory, policy_flags
+    from .optimizer.search import NoPolicyFits, choose_policy
+
+    free = available_memory(env)
+    limits = MachineMemory(args.gpu_mem if args.gpu_mem is not None and env.is_cuda else free.gpu,
+                           args.cpu_mem if args.cpu_mem is not None else free.host,
+                           args.disk_mem if args.disk_mem is not None else free.disk)
+    base = policy_from_args(args, gpu_batch_size=1, num_gpu_batches=1, percent=[100, 0, 100, 0, 100, 0])
+    gbs = None if args.gpu_batch_size == "auto" else args.gpu_batch_size
+    ngb = None if args.num_gpu_batches == "auto" else args.num_gpu_batches
+    try:
+        best = choose_policy(family, args.prompt_len, args.gen_len, limits, base=base, gpu_batch_size=gbs,
+                             num_gpu_batches=ngb)
+    except NoPolicyFits:
+        gpu = "no GPU" if limits.gpu is None else f"GPU {limits.gpu / GiB:.1f} GiB"
+        raise PolicyError(f"--percent auto: no policy fits {family.info().name} in {gpu}, host "
+                          f"{limits.host / GiB:.1f} GiB, disk {limits.disk / GiB:.1f} GiB, even 4-bit and "
+                          f"fully offloaded with a GPU batch of 1") from None
+    p = best.policy
+    from .profile import load_profile
+    source = "this machine's profile" if load_profile() else "the built-in H100 profile (run python3 -m flexgen.profile)"
+    print(f"auto policy ({source}): {policy_flags(p)}{' --cpu-cache-compute' if p.cpu_cache_compute else ''}; "
+          f"predicted {best.prediction.throughput:.2f} token/s (prefill {best.prediction.prefill_s:.3f} s, "
+          f"decode step {best.prediction.decode_step_s:.4f} s)")
+    return best
 
 
 def lm_class_for(model):

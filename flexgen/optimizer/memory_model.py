@@ -9,7 +9,9 @@ activations of the widest step.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import re
 import math
 import os
 import shutil
@@ -19,6 +21,19 @@ from ..memory.placement import TIERS, assign_by_size, split_counts
 from ..policy import Policy, PolicyError
 
 GiB = 1 << 30
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10 ** 3, "kib": 1 << 10, "m": 1 << 20, "mb": 10 ** 6,
+          "mib": 1 << 20, "g": GiB, "gb": 10 ** 9, "gib": GiB, "t": 1 << 40, "tb": 10 ** 12, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24G', '110 GB', '512MiB', '1e9' -> bytes (a bare number is GiB)."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 24GiB, 110GB, 512MiB)")
+    unit = _UNITS[m.group(2).lower()] if m.group(2) else GiB
+    return int(float(m.group(1)) * unit)
 
 
 class MemoryFitError(PolicyError):

@@ -93,3 +93,18 @@ def search(family, workload: Workload, limits: MachineMemory, profile: dict, top
     if not out:
         raise NoPolicyFits("no policy fits")
     return out
+
+
+def choose_policy(family, prompt_len: int, gen_len: int, limits: MachineMemory, profile: dict | None = None,
+                  base: Policy | None = None, gpu_batch_size: int | None = None,
+                  num_gpu_batches: int | None = None) -> Candidate:
+    """The best policy for one block that fits `limits` (FlexGen's `--percent auto`), with its
+    prediction. Batch sizes given are kept; None lets the search choose. Profile: this machine's
+    saved one, else the built-in default. Raises NoPolicyFits."""
+    if profile is None:
+        from ..profile import load_profile
+        from .cost_model import DEFAULT_PROFILE
+        profile = load_profile() or DEFAULT_PROFILE
+    grid = build_grid(base, gbs=GBS if gpu_batch_size is None else (gpu_batch_size,),
+                      ngb=NGB if num_gpu_batches is None else (num_gpu_batches,))
+    return search(family, Workload(prompt_len, gen_len), limits, profile, top=1, base=base, grid=grid)[0]
