@@ -3,7 +3,7 @@
 A family describes its model as a sequence of layers (embedding, attention, MLP, head), each with
 the weights it needs and a pure forward function. Forward functions get their weights already on
 the compute device, in the compute dtype; attention asks the engine for the attention core through
-`ctx.attend`, so a family never sees the KV cache, streams, disks or percentages.
+`ctx.attend`, so a family never sees the KV cache or where any tensor lives.
 """
 from __future__ import annotations
 
