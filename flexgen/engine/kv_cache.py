@@ -44,8 +44,8 @@ class LayerCache:
                 (self.k.read_rows(i, rows, to_compute), self.v.read_rows(i, rows, to_compute))
                 for i in range(len(self.ranges))]
 
-    def resident_rows(self, i: int, rows: int):
-        return self.k.view_rows(i, rows), self.v.view_rows(i, rows)
+    def resident_rows(self, i: int, rows: int, start: int = 0):
+        return self.k.view_rows(i, rows, start), self.v.view_rows(i, rows, start)
 
     def write_resident(self, k_rows, v_rows, start):
         """Write new rows (s, b, kv_heads, d) into the resident segments, in place."""

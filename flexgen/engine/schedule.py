@@ -15,6 +15,7 @@ import torch
 from ..models.base import StepContext
 from ..memory.placement import TieredBuffer
 from .attention import attend as attention_core
+from .cpu_attention import cpu_decode_attention
 from .io import IO, Pending
 from .kv_cache import LayerCache
 
@@ -188,6 +189,11 @@ class BlockRunner:
             rep = q.shape[2] // k_new.shape[2]
             outs = []
             for seg, (a, b) in enumerate(cache.ranges):
+                qs = q[:, :, a * rep:b * rep]
+                if cache.cpu_compute and cache.k.tiers[seg] != "gpu" and sparsity >= 1.0:
+                    outs.append(self._cpu_attention(cache, seg, loaded, qs, k_rows[:, :, a:b], v_rows[:, :, a:b],
+                                                    step, invalid if invalid is not None else ~valid, scale))
+                    continue
                 if cache.resident[seg] and not cache.compressed:  # new row already written in place
                     ks, vs = cache.resident_rows(seg, step.cur)
                 elif cache.resident[seg]:  # past rows unpacked; the new row at full precision
@@ -198,9 +204,8 @@ class BlockRunner:
                     pk, pv = loaded[seg]
                     ks = torch.cat([pk, k_rows[:, :, a:b].to(pk.device)], dim=0)
                     vs = torch.cat([pv, v_rows[:, :, a:b].to(pv.device)], dim=0)
-                qs = q[:, :, a * rep:b * rep]
                 dev = ks.device
-                if dev != q.device:  # CPU attention next to the cache; float32 math on the CPU
+                if dev != q.device:  # top-k sparse attention next to the cache, float32 on the CPU
                     o = attention_core(qs.to(dev, torch.float32), ks.permute(1, 0, 2, 3).float(),
                                        vs.permute(1, 0, 2, 3).float(), valid.to(dev), scale, sparsity)
                     o = o.to(q.device, q.dtype)
@@ -211,6 +216,13 @@ class BlockRunner:
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
         return attend
+
+    @staticmethod
+    def _cpu_attention(cache, seg, loaded, qs, k_new, v_new, step, invalid, scale):
+        """Decode attention for a CPU-held cache segment, computed on the CPU where it lies."""
+        o = cpu_decode_attention(qs.cpu(), _cpu_rows(cache, seg, loaded), step.start, k_new.cpu(), v_new.cpu(),
+                                 invalid.cpu(), scale)
+        return o.to(qs.device, qs.dtype)
 
 class _Step:
     def __init__(self, i, start, cur, out, valid, positions, gbs):
@@ -227,6 +239,15 @@ class _Step:
             self._contexts[k] = StepContext(input_ids=self.out[b0:b1, self.start:self.cur],
                                             positions=self.positions[b0:b1])
         return self._contexts[k]
+
+
+def _cpu_rows(cache, seg, loaded):
+    """past_rows(a, b) for the CPU attention kernel: resident rows read in place (unpacked block by
+    block when compressed), or rows of what was read from disk."""
+    if cache.resident[seg]:
+        return lambda a, b: cache.resident_rows(seg, b, a)
+    pk, pv = loaded[seg]
+    return lambda a, b: (pk[a:b], pv[a:b])
 
 
 class BlockResult:

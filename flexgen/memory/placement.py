@@ -148,9 +148,9 @@ class TieredBuffer:
         t = st[:rows]
         return self.env.to_compute(t) if tier == "cpu" and to_compute else t
 
-    def view_rows(self, i: int, rows: int) -> torch.Tensor:
-        """Rows [0, rows) of a segment held in memory, without a copy."""
-        return self.segments[i][1][:rows]
+    def view_rows(self, i: int, rows: int, start: int = 0) -> torch.Tensor:
+        """Rows [start, rows) of a segment held in memory, without a copy."""
+        return self.segments[i][1][start:rows]
 
     def write_rows(self, i: int, x: torch.Tensor, start: int, non_blocking: bool = True):
         tier, st = self.segments[i][:2]
@@ -211,9 +211,9 @@ class PackedBuffer:
         shape = [rows] + self._seg_shapes[i][1:]
         return self._unpack([p.read_rows(i, rows, to_compute) for p in self.parts], shape)
 
-    def view_rows(self, i: int, rows: int) -> torch.Tensor:
-        shape = [rows] + self._seg_shapes[i][1:]
-        return self._unpack([p.view_rows(i, rows) for p in self.parts], shape)
+    def view_rows(self, i: int, rows: int, start: int = 0) -> torch.Tensor:
+        shape = [rows - start] + self._seg_shapes[i][1:]
+        return self._unpack([p.view_rows(i, rows, start) for p in self.parts], shape)
 
     def write_rows(self, i: int, x: torch.Tensor, start: int, non_blocking: bool = True):
         from .compression import compress
