@@ -86,7 +86,16 @@ def compress(x: torch.Tensor, cfg: CompressionConfig) -> Packed:
 
 def decompress(p: Packed, dtype=None, shape=None) -> torch.Tensor:
     """The values back, in `dtype`, on the device of p.data. `shape` overrides the leading dims
-    (a row slice of a packed KV cache)."""
+    (a row slice of a packed KV cache). Weight matrices on the GPU go through one fused kernel."""
+    from . import triton_dequant
+    dtype = dtype or torch.float16
+    shape = tuple(p.shape if shape is None else shape)
+    if triton_dequant.usable(p, shape):
+        return triton_dequant.unpack(p, dtype, shape, _decompress_torch)
+    return _decompress_torch(p, dtype, shape)
+
+
+def _decompress_torch(p: Packed, dtype, shape) -> torch.Tensor:
     cfg = p.config
     q = p.data
     if cfg.num_bits == 4:
@@ -96,8 +105,7 @@ def decompress(p: Packed, dtype=None, shape=None) -> torch.Tensor:
         x = (q.float() - (1 << (cfg.num_bits - 1))) * scale
     else:
         x = q.float() * scale + p.mn.float()
-    shape = tuple(p.shape if shape is None else shape)
     dim = cfg.group_dim % len(shape)
     moved = [s for i, s in enumerate(shape) if i != dim] + [shape[dim]]
     x = x.reshape(*x.shape[:-2], -1)[..., :shape[dim]].reshape(moved)
-    return x.movedim(-1, dim).to(dtype or torch.float16)
+    return x.movedim(-1, dim).to(dtype)

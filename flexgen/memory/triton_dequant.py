@@ -1,0 +1,94 @@
+"""Fused unpacking of a group-wise quantised weight matrix on the GPU (Triton).
+
+One pass: each output value reads its packed byte, its group's scale and minimum, and is written
+straight into the (out, in) layout of the weight, whichever dim the groups run along; no float32
+intermediate and no transpose copy. The PyTorch path in compression.py stays the reference: the
+kernel is checked against it once per process before it is trusted (a mismatch falls back, with
+a warning), and tests run it under Triton's CPU interpreter (TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch path serves
+    triton = None
+
+_STATE = {"checked": False, "ok": False}
+
+if triton is not None:
+    @triton.jit
+    def _unpack_kernel(data_ptr, scale_ptr, min_ptr, out_ptr, R, N, G, GS: tl.constexpr, BITS: tl.constexpr,
+                       SYMMETRIC: tl.constexpr, GROUP_DIM_LAST: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+        # R: size of the ungrouped dim; N: size of the grouped dim (unpadded); G groups of GS values
+        pid_r = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        mask = (r < R) & (n < N)
+        g = n // GS
+        within = n % GS
+        per_byte = 8 // BITS
+        byte_idx = (r * G + g) * (GS // per_byte) + within // per_byte
+        byte = tl.load(data_ptr + byte_idx, mask=mask, other=0).to(tl.int32)
+        if BITS == 4:
+            q = (byte >> ((within % 2) * 4)) & 0xF
+        else:
+            q = byte
+        scale = tl.load(scale_ptr + r * G + g, mask=mask, other=0.0).to(tl.float32)
+        if SYMMETRIC:
+            val = (q.to(tl.float32) - (1 << (BITS - 1))) * scale
+        else:
+            mn = tl.load(min_ptr + r * G + g, mask=mask, other=0.0).to(tl.float32)
+            val = q.to(tl.float32) * scale + mn
+        if GROUP_DIM_LAST:
+            offs = r * N + n
+        else:
+            offs = n * R + r
+        tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(p, dtype, shape):
+    cfg = p.config
+    dim = cfg.group_dim % 2
+    R, N = shape[1 - dim], shape[dim]
+    G = p.scale.shape[-2]
+    out = torch.empty(shape, dtype=dtype, device=p.data.device)
+    mn = p.mn if p.mn is not None else p.scale
+    grid = (triton.cdiv(R, 32), triton.cdiv(N, 64))
+    _unpack_kernel[grid](p.data, p.scale, mn, out, R, N, G, GS=cfg.group_size, BITS=cfg.num_bits,
+                         SYMMETRIC=cfg.symmetric, GROUP_DIM_LAST=dim == 1, BLOCK_R=32, BLOCK_N=64)
+    return out
+
+
+def usable(p, shape) -> bool:
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return (triton is not None and len(shape) == 2 and (p.data.is_cuda or interpret)
+            and p.data.is_contiguous() and p.scale.is_contiguous())
+
+
+def unpack(p, dtype, shape, reference):
+    """The matrix unpacked by the kernel; `reference(p, dtype, shape)` is the PyTorch path used to
+    check the kernel once and as the fallback."""
+    if not _STATE["checked"]:
+        _STATE["checked"] = True
+        try:
+            got = _launch(p, dtype, shape)
+            want = reference(p, dtype, shape)
+            # equal up to rounding: the kernel may fuse q * scale + min into one FMA
+            _STATE["ok"] = got.shape == want.shape and bool(torch.allclose(got.float(), want.float(),
+                                                                           rtol=2 ** -10, atol=1e-7))
+            if not _STATE["ok"]:
+                warnings.warn("fused dequantisation kernel disagrees with the reference; using PyTorch ops")
+        except Exception as e:  # a Triton or driver problem must not stop a run
+            warnings.warn(f"fused dequantisation kernel unavailable ({type(e).__name__}: {e}); using PyTorch ops")
+        if not _STATE["ok"]:
+            return reference(p, dtype, shape)
+        return got
+    return _launch(p, dtype, shape) if _STATE["ok"] else reference(p, dtype, shape)
