@@ -31,11 +31,12 @@ class LM:
         self.name = resolved.name
         self._resolved = resolved
         self._tokenizer = False
+        self._cache_dir = None
         self.layers = self.family.layers()
         self.dtype = env.compute_dtype
         read_tensor = None
         if path is None or DUMMY_MARK not in str(path):
-            cache_dir = self._prepare_weight_cache(path)
+            cache_dir = self._cache_dir = self._prepare_weight_cache(path)
             read_tensor = lambda file, shape: weight_io.load_cached(cache_dir, file, shape)  # noqa: E731
         self.weights = WeightStore(env, self.layers, policy.percents("weight"), policy.pin_weight,
                                    self.dtype, read_tensor, progress=progress,
@@ -69,14 +70,22 @@ class LM:
         """The checkpoint's tokenizer, or None when there is none available offline."""
         if self._tokenizer is False:
             self._tokenizer = None
+            # A GGUF tokenizer takes seconds to rebuild from the file's vocabulary: keep a copy in
+            # the weight cache and load that next time.
+            saved = os.path.join(self._cache_dir, "tokenizer") if self._cache_dir else None
             try:
+                if saved and os.path.isfile(os.path.join(saved, "tokenizer_config.json")):
+                    self._tokenizer = weight_io.load_tokenizer(saved)
+                    return self._tokenizer
                 source = self._resolved.source
                 if source is None and self._resolved.hub_name is not None:
                     source = _cached_hub_snapshot(self._resolved.hub_name)
                 if source is not None:
                     self._tokenizer = weight_io.load_tokenizer(source)
+                    if saved and self._tokenizer is not None and str(source).endswith(".gguf"):
+                        self._tokenizer.save_pretrained(saved)
             except Exception:  # a model without a usable tokenizer still generates ids
-                self._tokenizer = None
+                self._tokenizer = self._tokenizer or None
         return self._tokenizer
 
     # ---- generation ---------------------------------------------------------------------------
