@@ -1,9 +1,10 @@
 """The zig-zag block schedule: for each generated token, for each layer, for each GPU batch.
 
 A layer's weights reach the compute device once per (token, layer) and serve all GPU batches of
-the block. With overlap, the next layer's weights, the next batch's cache and activations load
-while the current batch computes, and the cache rows and activations it produced are stored
-behind it.
+the block. With overlap, the next layer's weights and the next batch's cache load while the
+current batch computes, and the cache rows it produced are stored behind it. Offloaded
+activations move in order on the compute stream (they are one hidden state per batch, small next
+to weights and cache).
 """
 from __future__ import annotations
 
