@@ -102,10 +102,7 @@ class LM:
         (num_prompts, max_new_tokens) log-probabilities of the generated tokens under the model
         (0 after a sequence has stopped)."""
         ids = self._check_inputs(inputs, max_new_tokens)
-        if attention_mask is None:
-            mask = ids != self.info.pad_token_id
-        else:
-            mask = np.asarray(attention_mask, dtype=bool).reshape(ids.shape)
+        mask = self._prompt_mask(ids, attention_mask)
         try:
             params = SamplingParams(do_sample, temperature, top_k, top_p, seed)
         except ValueError as e:
@@ -130,8 +127,7 @@ class LM:
         """Log-probability of every prompt token given the tokens before it (column 0 and
         padding are 0), as evaluation harnesses need to score given continuations."""
         ids = self._check_inputs(inputs, 1)
-        mask = ids != self.info.pad_token_id if attention_mask is None else \
-            np.asarray(attention_mask, dtype=bool).reshape(ids.shape)
+        mask = self._prompt_mask(ids, attention_mask)
         sampler = Sampler(SamplingParams(), self.env.device)
         results = self._run_blocks(ids, mask, 1, sampler, None, None, score=True)
         scores = np.concatenate([r.scores for r in results])
@@ -144,8 +140,7 @@ class LM:
         KV cache is exercised exactly as in generation."""
         cont = np.asarray(continuation, dtype=np.int64)
         ids = self._check_inputs(inputs, cont.shape[1])
-        mask = ids != self.info.pad_token_id if attention_mask is None else \
-            np.asarray(attention_mask, dtype=bool).reshape(ids.shape)
+        mask = self._prompt_mask(ids, attention_mask)
         if cont.shape[0] != ids.shape[0] or cont.min() < 0 or cont.max() >= self.info.vocab_size:
             raise GenerationError("continuation must have one row of valid token ids per prompt")
         sampler = Sampler(SamplingParams(), self.env.device)
@@ -177,6 +172,12 @@ class LM:
     @property
     def timings(self):
         return self.runner.timings
+
+    def _prompt_mask(self, ids, attention_mask) -> np.ndarray:
+        """The caller's attention mask, or FlexGen's rule: every non-pad token is real."""
+        if attention_mask is None:
+            return ids != self.info.pad_token_id
+        return np.asarray(attention_mask, dtype=bool).reshape(ids.shape)
 
     def _check_inputs(self, inputs, max_new_tokens) -> np.ndarray:
         try:

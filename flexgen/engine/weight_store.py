@@ -66,7 +66,10 @@ class WeightStore:
             self.homes.append(home)
         # Layers whose weights all live on the compute device are served as the same views
         # every time: build those dicts once (the decode loop is bound by host overhead).
-        self._views = {j: self._load(j) for j in range(len(self.homes)) if self.resident(j)}
+        compute = {"gpu"} if env.is_cuda else {"gpu", "cpu"}
+        self._views = {j: self._load(j) for j, home in enumerate(self.homes)
+                       if all(set(buf.tiers) <= compute and not isinstance(buf, PackedBuffer)
+                              for buf in home.values())}
 
     @staticmethod
     def _fill_dummy(buf, spec):
@@ -89,12 +92,8 @@ class WeightStore:
         return {key: buf.load_joined() for key, buf in self.homes[j].items()}
 
     def resident(self, j: int) -> bool:
-        """Whether all of layer j's weights already live on the compute device."""
-        if j in getattr(self, "_views", ()):
-            return True
-        compute = ("gpu",) if self.env.is_cuda else ("gpu", "cpu")
-        return all(set(buf.tiers) <= set(compute) and not isinstance(buf, PackedBuffer)
-                   for buf in self.homes[j].values())
+        """Whether all of layer j's weights already live, unpacked, on the compute device."""
+        return j in self._views
 
     def on_disk(self, j: int) -> bool:
         return any("disk" in buf.tiers for buf in self.homes[j].values())

@@ -107,24 +107,9 @@ class TieredBuffer:
             else:
                 st.copy_(part)
 
-    def load(self, rows: int | None = None, keep_cpu: bool = False):
-        """Bring rows [0, rows) of every segment to the compute device.
-
-        Returns [(tier, tensor)] in split order; with keep_cpu the CPU segment stays in host
-        memory (for CPU attention next to the cache)."""
-        out = []
-        for tier, st, _, _ in self.segments:
-            if tier == "disk":
-                t = self.env.read_disk(st, 0, rows, to_compute=not keep_cpu)
-            else:
-                t = st if rows is None else st[:rows]
-                if tier == "cpu" and not keep_cpu:
-                    t = self.env.to_compute(t)
-            out.append((tier, t))
-        return out
-
-    def load_joined(self, rows: int | None = None) -> torch.Tensor:
-        parts = [t for _, t in self.load(rows)]
+    def load_joined(self) -> torch.Tensor:
+        """The whole tensor on the compute device (the stored tensor itself where it lives there)."""
+        parts = [self.read_rows(i, st.shape[0]) for i, (_, st, _, _) in enumerate(self.segments)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.split_dim)
 
     def store(self, src: torch.Tensor, row_start: int = 0):
@@ -203,8 +188,7 @@ class PackedBuffer:
         for part, t in zip(self.parts, compress(src.to(self.env.device), self.config).parts()):
             part.fill_from(t)
 
-    def load_joined(self, rows: int | None = None) -> torch.Tensor:
-        assert rows is None
+    def load_joined(self) -> torch.Tensor:
         return self._unpack([p.load_joined() for p in self.parts], self.shape)
 
     def read_rows(self, i: int, rows: int, to_compute: bool = True) -> torch.Tensor:
