@@ -14,12 +14,17 @@ SCENARIOS = {
     # id: (module, args)
     "P1": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 0 100 100 0 100 0 --gpu-batch-size 8 "
                                "--num-gpu-batches 3"),
+    "P2": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 0 100 100 0 100 0 --gpu-batch-size 8 "
+                               "--num-gpu-batches 3 --compress-weight"),
     "P4": ("flexgen.flex_opt", "--model facebook/opt-6.7b --percent 100 0 100 0 100 0 --gpu-batch-size 8 "
                                "--num-gpu-batches 1"),
     "L30": ("flexgen.flex_llama", "--model huggyllama/llama-30b --percent 0 100 100 0 100 0 --gpu-batch-size 8 "
                                   "--num-gpu-batches 3"),
     "L70": ("flexgen.flex_llama", "--model meta-llama/Llama-2-70b-hf --percent 0 85 100 0 100 0 "
                                   "--gpu-batch-size 8 --num-gpu-batches 3"),
+    # LLaMA-2-70B with 4-bit weights streamed from pinned CPU memory (fp16 would not fit 128 GiB)
+    "L70C": ("flexgen.flex_llama", "--model meta-llama/Llama-2-70b-hf --percent 0 100 100 0 100 0 "
+                                   "--gpu-batch-size 8 --num-gpu-batches 3 --compress-weight"),
     "O13": ("flexgen.flex_opt", "--model facebook/opt-13b --percent 0 100 100 0 100 0 --gpu-batch-size 8 "
                                 "--num-gpu-batches 3"),
 }

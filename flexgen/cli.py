@@ -276,8 +276,8 @@ def run(args, lm_class, log_prefix: str):
             print(f"peak host mem (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f} GB")
             print(f"peak host mem held (CPU tier + staging): {env.host_bytes.describe(peak=True)}")
             print(log_str)
-        if chosen is not None:
-            pr = chosen.prediction
+        if args.verbose >= 1:
+            pr = chosen.prediction if chosen is not None else predict_policy(family, policy, args, env)
             print(f"predicted vs measured: prefill {pr.prefill_s:.3f} / {prefill_latency:.3f} s, decode step "
                   f"{pr.decode_step_s:.4f} / {decode_latency / max(gen_len - 1, 1):.4f} s, throughput "
                   f"{pr.throughput:.3f} / {total_throughput:.3f} token/s")
@@ -287,6 +287,15 @@ def run(args, lm_class, log_prefix: str):
         if model is not None:
             model.close()
         env.close_copy_threads()  # also removes this run's offload files
+
+
+def predict_policy(family, policy, args, env):
+    """The performance model's prediction for an explicit policy (this machine's profile, else the
+    built-in one), printed beside the measurement so every run checks the model."""
+    from .optimizer.cost_model import DEFAULT_PROFILE, Workload, predict
+    from .profile import load_profile
+    return predict(family, Workload(args.prompt_len, args.gen_len), policy, load_profile() or DEFAULT_PROFILE,
+                   is_cuda=env.is_cuda, cpu_threads=env.cpu_threads)
 
 
 DEFAULT_PATHS = {"opt": "~/opt_weights", "llama": "~/llama_weights"}

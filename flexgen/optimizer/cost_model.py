@@ -60,22 +60,31 @@ class Prediction:
     memory: MemoryEstimate
 
 
-def _best(d) -> float:
+def _best(d, threads: int | None = None) -> float:
+    """A rate measured by thread count: the best one, or with `threads` given, the one measured at
+    the largest thread count not above it (the CPU work runs on exactly that many threads)."""
     if isinstance(d, dict):
-        return max(d.values()) if d else 0.0
+        if not d:
+            return 0.0
+        if threads is not None:
+            below = [int(t) for t in d if int(t) <= threads]
+            return d[str(max(below))] if below else d[min(d, key=int)]
+        return max(d.values())
     return float(d or 0.0)
 
 
 class Rates:
-    """The profile's figures in bytes/s, FLOP/s, elements/s for the compute device."""
+    """The profile's figures in bytes/s, FLOP/s, elements/s for the compute device. cpu_threads:
+    the torch thread count of the run (CPU attention and dequantisation rates at that count);
+    None: the best measured."""
 
-    def __init__(self, profile: dict):
+    def __init__(self, profile: dict, cpu_threads: int | None = None):
         g, c, d = profile.get("gpu"), profile["cpu"], profile["disk"]
         self.is_cuda = g is not None
         self.disk_read = d["read_gib_s"] * GiB
         self.disk_write = d["write_gib_s"] * GiB
-        self.cpu_attn = _best(c.get("attention_gib_s")) * GiB
-        self.cpu_dequant = _best(c.get("dequant_gelem_s")) * 1e9
+        self.cpu_attn = _best(c.get("attention_gib_s"), cpu_threads) * GiB
+        self.cpu_dequant = _best(c.get("dequant_gelem_s"), cpu_threads) * 1e9
         if g:
             self.h2d_pinned = g["h2d_pinned_gib_s"] * GiB
             self.h2d_pageable = g["h2d_pageable_gib_s"] * GiB
@@ -206,10 +215,10 @@ def _tables(family, grid: Grid, prompt_len, gen_len, itemsize):
 
 
 def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: bool | None = None,
-             memory_only: bool = False):
+             memory_only: bool = False, cpu_threads: int | None = None):
     """Predicted memory (per tier, bytes) and times (seconds) of every candidate in the grid.
     Returns a dict of arrays: gpu, pinned, pageable, disk, prefill, decode_step, total, throughput."""
-    rates = Rates(profile)
+    rates = Rates(profile, cpu_threads)
     is_cuda = rates.is_cuda if is_cuda is None else is_cuda
     itemsize = 2 if is_cuda else 4
     P, G = workload.prompt_len, workload.gen_len
@@ -355,9 +364,10 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
     return dict(mem, prefill=prefill, decode_step=decode, total=total, throughput=prompts * G / total)
 
 
-def predict(family, workload: Workload, policy: Policy, profile: dict, is_cuda: bool | None = None) -> Prediction:
+def predict(family, workload: Workload, policy: Policy, profile: dict, is_cuda: bool | None = None,
+            cpu_threads: int | None = None) -> Prediction:
     """One policy's predicted times, throughput and peak memory (memory_model.estimate_memory)."""
-    r = evaluate(family, Grid.of_policy(policy), workload, profile, is_cuda)
+    r = evaluate(family, Grid.of_policy(policy), workload, profile, is_cuda, cpu_threads=cpu_threads)
     cuda = Rates(profile).is_cuda if is_cuda is None else is_cuda
     est = estimate_memory(family, policy, workload.prompt_len, workload.gen_len, cuda)
     return Prediction(float(r["prefill"][0]), float(r["decode_step"][0]), float(r["total"][0]),
