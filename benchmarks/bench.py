@@ -27,9 +27,37 @@ SCENARIOS = {
                                    "--gpu-batch-size 8 --num-gpu-batches 3 --compress-weight"),
     "O13": ("flexgen.flex_opt", "--model facebook/opt-13b --percent 0 100 100 0 100 0 --gpu-batch-size 8 "
                                 "--num-gpu-batches 3"),
+    # P3: OPT-30B with the GPU capped at 24 GiB and the host at 110 GiB, policy chosen by the model
+    "P3": ("flexgen.flex_opt", "--model facebook/opt-30b --percent auto --gpu-batch-size auto "
+                               "--num-gpu-batches auto --gpu-mem 24GiB --cpu-mem 110GiB"),
+    # issue 5: OPT-30B, weights and cache on CPU, attention next to the cache (64 sequences:
+    # 45 GiB of cache + 56 GiB of weights within 110 GiB of host memory)
+    "C30": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 0 100 0 100 100 0 --gpu-batch-size 32 "
+                                "--num-gpu-batches 2 --cpu-cache-compute"),
+    # issue 6: policies whose predicted time is checked against the measurement
+    "V1": ("flexgen.flex_opt", "--model facebook/opt-6.7b --percent 100 0 100 0 100 0 --gpu-batch-size 32 "
+                               "--num-gpu-batches 1"),
+    "V2": ("flexgen.flex_opt", "--model facebook/opt-6.7b --percent 50 50 100 0 100 0 --gpu-batch-size 16 "
+                               "--num-gpu-batches 2"),
+    "V3": ("flexgen.flex_opt", "--model facebook/opt-6.7b --percent 0 100 100 0 100 0 --gpu-batch-size 16 "
+                               "--num-gpu-batches 4 --compress-weight"),
+    "V4": ("flexgen.flex_opt", "--model facebook/opt-13b --percent 0 100 0 100 100 0 --gpu-batch-size 32 "
+                               "--num-gpu-batches 2 --cpu-cache-compute"),
+    "V5": ("flexgen.flex_opt", "--model facebook/opt-13b --percent 40 60 100 0 100 0 --gpu-batch-size 16 "
+                               "--num-gpu-batches 3"),
+    "V6": ("flexgen.flex_opt", "--model facebook/opt-13b --percent 100 0 100 0 100 0 --gpu-batch-size 32 "
+                               "--num-gpu-batches 2 --compress-cache"),
+    "V7": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 0 100 100 0 100 0 --gpu-batch-size 16 "
+                               "--num-gpu-batches 4"),
+    "V8": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 100 0 100 0 100 0 --gpu-batch-size 32 "
+                               "--num-gpu-batches 2 --compress-weight"),
+    "V9": ("flexgen.flex_opt", "--model facebook/opt-13b --percent 0 100 50 50 100 0 --gpu-batch-size 24 "
+                               "--num-gpu-batches 2"),
 }
 COMMON = "--path _DUMMY_ --prompt-len 512 --gen-len 32 --verbose 1"
 FIELDS = ["prefill latency", "decode latency", "total throughput", "decode throughput", "peak gpu mem"]
+PREDICTED = re.compile(r"predicted vs measured: prefill ([0-9.]+) / [0-9.]+ s, decode step ([0-9.]+) / ([0-9.]+) s, "
+                       r"throughput ([0-9.]+) /")
 
 
 def parse(text):
@@ -37,7 +65,18 @@ def parse(text):
     for key in FIELDS:
         m = re.search(rf"{key}: ([0-9.]+)", text)
         out[key] = float(m.group(1)) if m else None
+    m = PREDICTED.search(text)
+    out["pred prefill"], out["pred step"], out["step"], out["pred tput"] = \
+        (float(x) for x in m.groups()) if m else (None,) * 4
+    m = re.search(r"peak host mem \(max RSS\): ([0-9.]+) GB", text)
+    out["host GB"] = float(m.group(1)) if m else None
     return out
+
+
+def readable(text):
+    """The run's output without progress-bar redraws."""
+    lines = [ln.split("\r")[-1] for ln in text.splitlines()]
+    return "\n".join(ln for ln in lines if not re.search(r"\d+/\d+ \[[0-9:<]+", ln))
 
 
 def main():
@@ -60,14 +99,18 @@ def main():
             text = p.stdout + p.stderr
         except subprocess.TimeoutExpired as e:
             text = f"timeout after {a.timeout}s\n{e.stdout or ''}"
-        print(text[-3000:], flush=True)
+        print(readable(text)[-4000:], flush=True)
         rows.append((sid, time.time() - t0, parse(text)))
-    print(f"\n{'scenario':28} {'wall s':>7} {'prefill s':>9} {'decode s':>9} {'decode tok/s':>12} "
-          f"{'total tok/s':>11} {'peak GB':>8}")
+    print(f"\n{'scenario':28} {'wall s':>6} {'prefill s':>9} {'decode s':>8} {'decode tok/s':>12} "
+          f"{'total tok/s':>11} {'GPU GB':>6} {'host GB':>7} | {'pred prefill':>12} {'pred step':>9} {'step':>7} "
+          f"{'pred tok/s':>10} {'err':>6}")
     for sid, wall, r in rows:
-        f = lambda k: "-" if r[k] is None else f"{r[k]:.3f}"  # noqa: E731
-        print(f"{sid:28} {wall:7.1f} {f('prefill latency'):>9} {f('decode latency'):>9} "
-              f"{f('decode throughput'):>12} {f('total throughput'):>11} {f('peak gpu mem'):>8}")
+        f = lambda k, w=3: "-" if r[k] is None else f"{r[k]:.{w}f}"  # noqa: E731
+        err = "-" if r["pred tput"] is None or not r["total throughput"] else \
+            f"{100 * (r['pred tput'] / r['total throughput'] - 1):+.0f}%"
+        print(f"{sid:28} {wall:6.0f} {f('prefill latency'):>9} {f('decode latency'):>8} "
+              f"{f('decode throughput'):>12} {f('total throughput'):>11} {f('peak gpu mem', 2):>6} {f('host GB', 1):>7} | "
+              f"{f('pred prefill'):>12} {f('pred step', 4):>9} {f('step', 4):>7} {f('pred tput', 2):>10} {err:>6}")
 
 
 if __name__ == "__main__":

@@ -281,6 +281,12 @@ def run(args, lm_class, log_prefix: str):
             print(f"predicted vs measured: prefill {pr.prefill_s:.3f} / {prefill_latency:.3f} s, decode step "
                   f"{pr.decode_step_s:.4f} / {decode_latency / max(gen_len - 1, 1):.4f} s, throughput "
                   f"{pr.throughput:.3f} / {total_throughput:.3f} token/s")
+        if args.verbose >= 1 and steps and any(t["cpu_attention"]):
+            n = len(steps)
+            cpu_s, wait_s = sum(t["cpu_attention"]) / n, sum(t["gpu_wait"]) / n
+            print(f"decode step breakdown (compute thread, mean of {n} steps): {sum(steps) / n:.4f} s = CPU attention "
+                  f"{cpu_s:.4f} s + waiting for the device (weight transfers, GPU compute) {wait_s:.4f} s + other "
+                  f"{sum(steps) / n - cpu_s - wait_s:.4f} s")
         if args.debug_mode == "breakdown":
             print("per-step latency (s):", " ".join(f"{x:.4f}" for x in t["prefill"] + t["decode"]))
     finally:

@@ -165,6 +165,16 @@ class ExecutionEnv:
         torch.cuda.current_stream(self.device).synchronize()
         return out
 
+    def copy_to_host(self, dst: torch.Tensor, src: torch.Tensor):
+        """src (on the device) into dst, a strided view of host memory: put into dst's memory order
+        on the device, one copy into this thread's pinned staging buffer, then one host copy (a
+        device-to-host copy into a strided pageable view would go element by element)."""
+        order = sorted(range(dst.dim()), key=lambda i: -dst.stride(i))
+        src = src.permute(order).contiguous()
+        host = self._staging.get(src.numel() * src.element_size(), pin=True).view(src.dtype).view(src.shape)
+        host.copy_(src)  # blocking D2H
+        dst.permute(order).copy_(host)
+
     def write_disk(self, dt: DiskTensor, src: torch.Tensor, row_start=0):
         if src.device.type == "cuda":
             host = self._staging.get(src.numel() * src.element_size(), pin=True)

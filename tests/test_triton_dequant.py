@@ -34,3 +34,21 @@ def test_kernel_equals_reference_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_matches_pytorch_path():
+    """On a CUDA device the compiled kernel gives exactly the PyTorch path's values."""
+    import torch
+
+    from flexgen.memory import triton_dequant
+    from flexgen.memory.compression import _decompress_torch, compress
+    from flexgen.policy import CompressionConfig
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for bits, sym, dim in [(4, False, 0), (4, False, 1), (4, True, 0), (8, False, 0)]:
+        for shape in [(7168, 7168), (28672, 8192), (130, 66)]:
+            cfg = CompressionConfig(bits, 64 if shape[0] > 200 else 2, dim, sym)
+            p = compress(torch.randn(shape, device="cuda", generator=g, dtype=torch.float16), cfg)
+            assert triton_dequant.usable(p, shape)
+            got = triton_dequant._launch(p, torch.float16, shape)
+            assert torch.equal(got, _decompress_torch(p, torch.float16, shape)), (bits, sym, dim, shape)

@@ -8,7 +8,7 @@ import numpy as np
 from .. import weights as weight_io
 from ..models.registry import resolve_model
 from .sampling import Sampler, SamplingParams
-from .schedule import BlockRunner
+from .schedule import BlockRunner, new_timings
 from .weight_store import WeightStore
 
 DUMMY_MARK = "_DUMMY_"
@@ -149,7 +149,7 @@ class LM:
 
     def _run_blocks(self, ids, mask, steps, sampler, stop_ids, on_step, forced=None, **kw):
         """Run the prompts in blocks of gpu_batch_size x num_gpu_batches."""
-        self.runner.timings = {"prefill": [], "decode": []}
+        self.runner.timings = new_timings()
         block = self.policy.block_size
         results = []
         for b in range(0, len(ids), block):

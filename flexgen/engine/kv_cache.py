@@ -2,7 +2,9 @@
 
 Storage layout per segment is (max_len, batch, kv_heads_in_segment, head_dim): positions are rows,
 so the first n positions of a segment are one contiguous block to copy or read from disk, and a
-split over heads keeps every head's attention exact on whichever device computes it.
+split over heads keeps every head's attention exact on whichever device computes it. With CPU
+attention the CPU segment is stored (batch, kv_heads, max_len, head_dim) behind a view of the same
+shape: nothing reads it but the CPU, and there each head's positions are one contiguous matrix.
 """
 from __future__ import annotations
 
@@ -19,12 +21,18 @@ class LayerCache:
         head dim (new rows are quantised as they are written), or None."""
         shape = (max_len, batch, kv_heads, head_dim)
         self.env = env
+        # With CPU attention the CPU segment is stored heads-major (batch, heads, positions, d), the
+        # layout its matrix products read without a copy (see cpu_attention.py).
+        # It is then pageable too: only new rows cross PCIe into it, so pinning it would only take
+        # page-locked memory from the machine.
+        inner = bool(cpu_compute)
         if compression is None:
-            make = lambda tag: TieredBuffer(env, shape, dtype, percents, split_dim=2, name=f"{name}.{tag}")  # noqa
+            make = lambda tag: TieredBuffer(env, shape, dtype, percents, split_dim=2, name=f"{name}.{tag}",  # noqa
+                                            pin=not inner, cpu_rows_inner=inner)
         else:
             cfg = dataclasses.replace(compression, group_dim=3)  # our layout's head dim
             make = lambda tag: PackedBuffer(env, shape, dtype, cfg, percents, split_dim=2,  # noqa: E731
-                                            name=f"{name}.{tag}")
+                                            name=f"{name}.{tag}", pin=not inner, cpu_rows_inner=inner)
         self.compressed = compression is not None
         self.k, self.v = make("k"), make("v")
         # A segment is "resident" when attention runs right where it is stored: new rows are

@@ -71,7 +71,7 @@ class BlockRunner:
                 self.stages[-1].append(idx)
             else:
                 self.stages.append([idx])
-        self.timings = {"prefill": [], "decode": []}
+        self.timings = new_timings()
 
     # ---- one block of gpu_batch_size x num_gpu_batches sequences -----------------------------
     def run(self, ids: np.ndarray, prompt_mask: np.ndarray, max_new_tokens: int, sampler, stop_ids, pad_id: int,
@@ -103,9 +103,13 @@ class BlockRunner:
                 step = _Step(i, start, cur, blk.out, valid, positions, gbs)
                 # A GPU batch whose sequences have all stopped costs nothing more.
                 step.skip = blk.finished_batches(ngb) if i > 0 else set()
+                self._cpu_attn_s = self._gpu_wait_s = 0.0
                 self._run_step(step, caches, acts, pending_cache, blk)
                 env.synchronize()
                 self.timings["prefill" if i == 0 else "decode"].append(time.perf_counter() - t0)
+                if i > 0:
+                    self.timings["cpu_attention"].append(self._cpu_attn_s)
+                    self.timings["gpu_wait"].append(self._gpu_wait_s)
                 if on_step is not None:
                     on_step(i)
                 if blk.stop_t is not None and bool(blk.stopped.all()):
@@ -218,11 +222,17 @@ class BlockRunner:
 
         return attend
 
-    @staticmethod
-    def _cpu_attention(cache, seg, loaded, qs, k_new, v_new, step, invalid, scale):
-        """Decode attention for a CPU-held cache segment, computed on the CPU where it lies."""
-        o = cpu_decode_attention(qs.cpu(), _cpu_rows(cache, seg, loaded), step.start, k_new.cpu(), v_new.cpu(),
-                                 invalid.cpu(), scale)
+    def _cpu_attention(self, cache, seg, loaded, qs, k_new, v_new, step, invalid, scale):
+        """Decode attention for a CPU-held cache segment, computed on the CPU where it lies. The
+        compute thread's time is split into waiting for the device (its queue up to this layer's
+        query: weight transfers and device compute) and the CPU kernel (timings["gpu_wait"],
+        timings["cpu_attention"], per decode step)."""
+        t0 = time.perf_counter()
+        q, k_new, v_new, invalid = qs.cpu(), k_new.cpu(), v_new.cpu(), invalid.cpu()
+        t1 = time.perf_counter()
+        o = cpu_decode_attention(q, _cpu_rows(cache, seg, loaded), step.start, k_new, v_new, invalid, scale)
+        self._gpu_wait_s += t1 - t0
+        self._cpu_attn_s += time.perf_counter() - t1
         return o.to(qs.device, qs.dtype)
 
 class _Step:
@@ -240,6 +250,12 @@ class _Step:
             self._contexts[k] = StepContext(input_ids=self.out[b0:b1, self.start:self.cur],
                                             positions=self.positions[b0:b1])
         return self._contexts[k]
+
+
+def new_timings() -> dict:
+    """Seconds per step: prefill, decode; and per decode step, the compute thread's time in CPU
+    attention and waiting for the device before it (both 0 without CPU attention)."""
+    return {"prefill": [], "decode": [], "cpu_attention": [], "gpu_wait": []}
 
 
 def _cpu_rows(cache, seg, loaded):

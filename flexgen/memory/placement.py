@@ -73,7 +73,12 @@ class TieredBuffer:
     Rows (dim 0) can be loaded and stored partially when split_dim > 0 (the KV cache:
     rows are positions, the split is over heads)."""
 
-    def __init__(self, env, shape, dtype, percents=(100, 0, 0), split_dim=0, name="t", pin=True):
+    def __init__(self, env, shape, dtype, percents=(100, 0, 0), split_dim=0, name="t", pin=True,
+                 cpu_rows_inner=False):
+        """cpu_rows_inner: the CPU-tier segment is stored with rows inside the split dims, e.g. a KV
+        cache segment (positions, batch, heads, d) as (batch, heads, positions, d), and exposed as
+        a permuted view of the usual shape; CPU attention then reads each head's positions as one
+        contiguous matrix."""
         self.env = env
         self.shape = tuple(shape)
         self.dtype = dtype
@@ -86,8 +91,12 @@ class TieredBuffer:
                 continue
             seg_shape = list(self.shape)
             seg_shape[split_dim] = count
-            self.segments.append((tier, env.allocate(tier, seg_shape, dtype, name=name, pin=pin),
-                                  start, start + count))
+            if tier == "cpu" and cpu_rows_inner and split_dim > 0:
+                stored = seg_shape[1:split_dim + 1] + seg_shape[:1] + seg_shape[split_dim + 1:]
+                st = env.allocate(tier, stored, dtype, name=name, pin=pin).movedim(split_dim, 0)
+            else:
+                st = env.allocate(tier, seg_shape, dtype, name=name, pin=pin)
+            self.segments.append((tier, st, start, start + count))
             start += count
 
     @property
@@ -141,8 +150,12 @@ class TieredBuffer:
         tier, st = self.segments[i][:2]
         if tier == "disk":
             self.env.write_disk(st, x.contiguous(), start)
+            return
+        dst = st[start:start + x.shape[0]]
+        if x.device != dst.device and not dst.is_contiguous():   # rows into a heads-major CPU store
+            self.env.copy_to_host(dst, x)
         else:
-            st[start:start + x.shape[0]].copy_(x, non_blocking=non_blocking)
+            dst.copy_(x, non_blocking=non_blocking)
 
     def close(self):
         for tier, st, _, _ in self.segments:
@@ -156,13 +169,14 @@ class PackedBuffer:
     minimums) are split alike and stored on the same tiers, so only packed bytes are moved; values
     are unpacked on whatever device reads them."""
 
-    def __init__(self, env, shape, dtype, config, percents=(100, 0, 0), split_dim=0, name="t", pin=True):
+    def __init__(self, env, shape, dtype, config, percents=(100, 0, 0), split_dim=0, name="t", pin=True,
+                 cpu_rows_inner=False):
         from .compression import check_config, packed_shapes
         check_config(config)
         self.env, self.shape, self.dtype, self.config, self.split_dim = env, tuple(shape), dtype, config, split_dim
         dims = packed_shapes(shape, config)
         kinds = (torch.uint8, torch.float16, torch.float16)
-        self.parts = [TieredBuffer(env, s, k, percents, split_dim, f"{name}.{tag}", pin)
+        self.parts = [TieredBuffer(env, s, k, percents, split_dim, f"{name}.{tag}", pin, cpu_rows_inner)
                       for s, k, tag in zip(dims, kinds, ("q", "scale", "min")) if s is not None]
         self.segments = self.parts[0].segments
         self._seg_shapes = []

@@ -224,7 +224,7 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
     P, G = workload.prompt_len, workload.gen_len
     info = family.info()
     H, V = info.hidden_size, info.vocab_size
-    W, C, attn, one_cache_1, rowb, _ = _tables(family, grid, P, G, itemsize)
+    W, C, attn, one_cache_1, rowb, ccfg = _tables(family, grid, P, G, itemsize)
     gbs = grid.gbs.astype(np.float64)
     ngb = grid.ngb.astype(np.float64)
     n = len(grid)
@@ -234,11 +234,17 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
     mem = {k: z() for k in ("gpu", "pinned", "pageable", "disk")}
     host_key = "pinned" if is_cuda and grid.pin_weight else "pageable"
 
-    def add(tier_idx, nbytes, pinned_ok=True):
+    staged = "pinned" if is_cuda else "pageable"
+
+    def add(tier_idx, nbytes, host=host_key, pageable_where=None):
+        """host: where CPU-tier bytes count; pageable_where: candidates whose bytes are pageable."""
         if tier_idx == 0:
             mem["gpu" if is_cuda else "pageable"] += nbytes
+        elif tier_idx == 1 and pageable_where is not None:
+            mem[host] += np.where(pageable_where, 0.0, nbytes)
+            mem["pageable"] += np.where(pageable_where, nbytes, 0.0)
         elif tier_idx == 1:
-            mem[host_key if pinned_ok else ("pinned" if is_cuda else "pageable")] += nbytes
+            mem[host] += nbytes
         else:
             mem["disk"] += nbytes
 
@@ -256,7 +262,7 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
     for (ci, c), (per_tier, heads_t) in C.items():
         m = (grid.ci == ci) & (grid.cc == c)
         for t in range(3):
-            add(t, np.where(m, per_tier[t] * gbs * ngb, 0.0), pinned_ok=False)
+            add(t, np.where(m, per_tier[t] * gbs * ngb, 0.0), staged, pageable_where=grid.ccc.astype(bool))
         cache_heads[(ci, c)] = (m, heads_t)
     act_n = np.zeros((n, 3))
     for ai, (ag, ac) in enumerate(grid.a_opts):
@@ -265,7 +271,7 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
             if m.any():
                 act_n[m] = split_counts(int(g), (ag, ac, 100 - ag - ac))
     for t in range(3):
-        add(t, ngb * P * H * itemsize * act_n[:, t], pinned_ok=False)
+        add(t, ngb * P * H * itemsize * act_n[:, t], staged)
     widest = max((max(w.shape) for l in _layers(family) for w in l.weights if len(w.shape) == 2), default=0)
     c_gpu = np.array([c[0] for c in grid.c_opts])[grid.ci]
     c_disk = np.array([100 - sum(c) for c in grid.c_opts])[grid.ci]
@@ -278,6 +284,12 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
     if is_cuda:
         mem["pinned"] += np.where((c_disk > 0) | (w_disk > 0) | (a_disk > 0),
                                   2 * np.maximum(stage_max, one_cache), 0.0)
+        # memory_model.cpu_attention_relay: one layer's prompt rows of the CPU-tier heads
+        for (ci, c_), (_, heads_t) in C.items():
+            per_seq = max((_packed_bytes((P, 1, cnt[1], hd), ccfg) if c_ else P * cnt[1] * hd * itemsize)
+                          for _, hd, cnt in heads_t) if heads_t else 0
+            m = (grid.ci == ci) & (grid.cc == c_) & grid.ccc.astype(bool)
+            mem["pinned"] += np.where(m, per_seq * gbs, 0.0)
 
     if memory_only:
         return mem

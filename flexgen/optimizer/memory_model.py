@@ -75,7 +75,11 @@ def estimate_memory(family, policy: Policy, prompt_len: int, gen_len: int, is_cu
     est = MemoryEstimate(parts={})
     host_key = "pinned" if is_cuda and policy.pin_weight else "pageable"
 
-    def add(tier, nbytes, pinned_ok=True, what="weights"):
+    # Host memory is pinned where it crosses PCIe: weights when pin_weight, a cache that is
+    # loaded to the device (not one that CPU attention reads in place), activations.
+    staged = "pinned" if is_cuda else "pageable"
+
+    def add(tier, nbytes, host=host_key, what="weights"):
         part = est.parts.setdefault(what, {})
         part[tier] = part.get(tier, 0) + nbytes
         if tier == "gpu":
@@ -84,8 +88,7 @@ def estimate_memory(family, policy: Policy, prompt_len: int, gen_len: int, is_cu
             else:
                 est.pageable += nbytes
         elif tier == "cpu":
-            key = host_key if pinned_ok else ("pinned" if is_cuda else "pageable")
-            setattr(est, key, getattr(est, key) + nbytes)
+            setattr(est, host, getattr(est, host) + nbytes)
         else:
             est.disk += nbytes
 
@@ -118,14 +121,14 @@ def estimate_memory(family, policy: Policy, prompt_len: int, gen_len: int, is_cu
             shape = (seq, gbs, heads, layer.head_dim)
             nbytes = (_packed_bytes(shape, cache_cfg) if policy.compress_cache
                       else math.prod(shape) * itemsize) if heads else 0
-            add(tier, 2 * ngb * nbytes, pinned_ok=False, what="cache")
+            add(tier, 2 * ngb * nbytes, host="pageable" if policy.cpu_cache_compute else staged, what="cache")
         one_cache = max(one_cache, 2 * seq * gbs * layer.kv_heads * layer.head_dim * itemsize)
 
     # activations between layers, one slot per GPU batch, on their tier (prefill is the widest)
     info = family.info()
     hidden = gbs * prompt_len * info.hidden_size * itemsize
     for tier, n in zip(TIERS, split_counts(gbs, policy.percents("act"))):
-        add(tier, ngb * hidden * n // gbs, pinned_ok=False, what="act")
+        add(tier, ngb * hidden * n // gbs, host=staged, what="act")
 
     # working set on the compute device: two layers in flight, a cache brought in (and next),
     # and the intermediates of the widest layer (MLP up-projection, logits of one batch)
@@ -136,7 +139,22 @@ def estimate_memory(family, policy: Policy, prompt_len: int, gen_len: int, is_cu
     add("gpu", work, what="work")
     if is_cuda and (c_pct[2] > 0 or w_pct[2] > 0 or policy.percents("act")[2] > 0):
         est.pinned += 2 * max(max(stage_bytes, default=0), one_cache)  # disk relay buffers
+    if is_cuda and policy.cpu_cache_compute and c_pct[1] > 0:
+        est.pinned += cpu_attention_relay(layers, policy, prompt_len, itemsize)
     return est
+
+
+def cpu_attention_relay(layers, policy: Policy, prompt_len: int, itemsize: int) -> int:
+    """The compute thread's pinned relay for new K/V rows going into a heads-major CPU cache: the
+    largest is one layer's prompt rows for one GPU batch (stored packed when compressed)."""
+    rows = 0
+    for layer in layers:
+        if layer.kind == "attention":
+            heads = split_counts(layer.kv_heads, policy.percents("cache"))[1]
+            shape = (prompt_len, policy.gpu_batch_size, heads, layer.head_dim)
+            rows = max(rows, _packed_bytes(shape, dataclasses.replace(policy.comp_cache_config, group_dim=3))
+                       if policy.compress_cache else math.prod(shape) * itemsize)
+    return rows
 
 
 @dataclass
