@@ -97,6 +97,9 @@ def main():
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
             text = p.stdout + p.stderr
+            if p.returncode:
+                text += f"\nexit status {p.returncode}" + (" (killed by signal %d)" % -p.returncode
+                                                          if p.returncode < 0 else "")
         except subprocess.TimeoutExpired as e:
             text = f"timeout after {a.timeout}s\n{e.stdout or ''}"
         print(readable(text)[-4000:], flush=True)
