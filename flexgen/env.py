@@ -26,6 +26,7 @@ import weakref
 
 import torch
 
+from .memory import pinned as pinned_memory
 from .memory.disk import DiskTensor
 from .memory.numa import NumaPlacement
 from .memory.placement import Staging
@@ -139,8 +140,10 @@ class ExecutionEnv:
     def _alloc_host(self, shape, dtype, pinned: bool) -> torch.Tensor:
         if self.numa is not None:
             t = self.numa.allocate(shape, dtype, pinned)
+        elif pinned:
+            t = pinned_memory.empty(shape, dtype)   # exact size: torch's allocator rounds up to 2^k
         else:
-            t = torch.empty(shape, dtype=dtype, pin_memory=pinned)
+            t = torch.empty(shape, dtype=dtype)
         return self.host_bytes.add(t, pinned)
 
     def _alloc_staging(self, nbytes: int, pin: bool) -> torch.Tensor:

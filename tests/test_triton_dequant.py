@@ -52,3 +52,19 @@ def test_gpu_kernel_matches_pytorch_path():
             assert triton_dequant.usable(p, shape)
             got = triton_dequant._launch(p, torch.float16, shape)
             assert torch.equal(got, _decompress_torch(p, torch.float16, shape)), (bits, sym, dim, shape)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_unpacks_a_kv_cache_as_rows():
+    """A packed KV cache (groups along the head dim, its last) goes through the kernel as a matrix."""
+    import torch
+
+    from flexgen.memory.compression import _decompress_torch, compress, decompress
+    from flexgen.policy import CompressionConfig
+    x = torch.randn(37, 4, 3, 128, device="cuda", dtype=torch.float16)
+    for bits, sym in [(4, False), (8, True)]:
+        p = compress(x, CompressionConfig(bits, 64, 3, sym))
+        rows = p.with_parts([t[:20] for t in p.parts()])
+        got = decompress(rows, torch.float16, (20, 4, 3, 128))
+        want = _decompress_torch(rows, torch.float16, (20, 4, 3, 128))
+        assert torch.allclose(got.float(), want.float(), rtol=2 ** -10, atol=1e-7)

@@ -8,6 +8,8 @@ the groups on the last axis, so the first dims keep their meaning (rows of a KV 
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -92,7 +94,24 @@ def decompress(p: Packed, dtype=None, shape=None) -> torch.Tensor:
     shape = tuple(p.shape if shape is None else shape)
     if triton_dequant.usable(p, shape):
         return triton_dequant.unpack(p, dtype, shape, _decompress_torch)
+    flat = _as_matrix(p, shape)   # a KV cache (groups along its last dim) is a matrix of rows
+    if flat is not None and triton_dequant.usable(*flat):
+        return triton_dequant.unpack(flat[0], dtype, flat[1], _decompress_torch).view(shape)
     return _decompress_torch(p, dtype, shape)
+
+
+def _as_matrix(p: Packed, shape):
+    """(Packed, shape) of a tensor grouped along its last dim seen as a 2-D (rows, last dim) matrix
+    grouped along dim 1, or None."""
+    if len(shape) <= 2 or p.config.group_dim % len(shape) != len(shape) - 1:
+        return None
+    rows = math.prod(shape[:-1])
+    parts = [t.reshape(rows, *t.shape[-2:]) if t.is_contiguous() else None for t in p.parts()]
+    if any(t is None for t in parts):
+        return None
+    m = Packed(parts[0], parts[1], parts[2] if p.mn is not None else None, (rows, shape[-1]),
+               dataclasses.replace(p.config, group_dim=1))
+    return m, (rows, shape[-1])
 
 
 def _decompress_torch(p: Packed, dtype, shape) -> torch.Tensor:

@@ -177,13 +177,14 @@ class NumaPlacement:
         return True
 
     def allocate(self, shape, dtype, pin: bool) -> torch.Tensor:
-        """torch.empty(shape, dtype, pin_memory=pin) with its pages on the placement's nodes."""
-        with self.scope():
-            t = torch.empty(shape, dtype=dtype, pin_memory=pin)
-            if not pin:  # pinned pages are already faulted in (by this thread, under the policy)
-                self.bind_pages(t)
+        """An empty host tensor (pinned if pin) with its pages on the placement's nodes."""
+        def place(t):
+            self.bind_pages(t)
             touch_pages(t)
-        return t
+
+        from . import pinned
+        with self.scope():   # pinned memory is placed while pageable, then locked where it is
+            return pinned.empty(shape, dtype, pin, prepare=place)
 
 
 def _node_int(v, flag) -> int:

@@ -1,0 +1,41 @@
+"""Host memory in mappings of its own: exact size, pinned through cudaHostRegister on CUDA."""
+import gc
+
+import pytest
+import torch
+
+from flexgen.memory import pinned
+
+
+def _rss():
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS"))
+
+
+def test_mapping_lives_as_long_as_any_view():
+    t = pinned.empty((300, 7), torch.float16, pin=False)
+    t.fill_(2)
+    view = t.movedim(1, 0)[2:]
+    del t
+    gc.collect()
+    assert view.float().sum().item() == 2 * 5 * 300   # still mapped through the view
+
+
+def test_prepare_sees_the_memory_before_it_is_handed_out():
+    seen = []
+    t = pinned.empty((4, 5), torch.float32, pin=False, prepare=lambda x: seen.append(x.shape))
+    assert seen == [torch.Size([4, 5])] and t.shape == (4, 5)
+
+
+@pytest.mark.gpu
+def test_pinned_tensor_is_exact_size_and_copies_asynchronously():
+    n = 103 << 20     # torch's pinned allocator would lock 128 MiB for this (a power of two)
+    before = _rss()
+    t = pinned.empty((n,), torch.uint8)
+    grown = _rss() - before
+    assert t.is_pinned()
+    assert grown < n * 1.1, grown
+    t.fill_(7)
+    d = t.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert int(d[-1]) == 7
