@@ -117,6 +117,10 @@ def profile_cpu(quick: bool) -> dict:
         dst = torch.empty_like(big)
         sec = _timeit(lambda: dst.copy_(big), reps, budget_s=budget)
         out["mem_bw_gib_s"] = 2 * big.numel() / sec / GiB  # read + write
+        # writing into freshly allocated memory (CPU attention's cache, filled at prefill): the
+        # first touch of each page costs a fault, which bounds this rate well under the bandwidth
+        sec = _timeit(lambda: torch.empty_like(big).copy_(big), reps, budget_s=budget)
+        out["fresh_write_gib_s"] = big.numel() / sec / GiB
     finally:
         torch.set_num_threads(old)
     return out

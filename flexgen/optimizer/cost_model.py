@@ -23,6 +23,10 @@ GiB = 1 << 30
 # run of benchmarks/RESULTS.md (P4: OPT-6.7B all on GPU, 66 stages, 22-26 ms per decode step).
 GPU_STAGE_OVERHEAD_S = 0.35e-3
 CPU_STAGE_OVERHEAD_S = 0.15e-3
+# Share of the profile's best matmul rate that a prefill step reaches (layer norms, activations,
+# attention and smaller shapes around the matmuls): 0.70-0.79 over eight policies on OPT-6.7B/13B/
+# 30B, H100, benchmarks/RESULTS.md (2026-11-26, session 2).
+PREFILL_EFFICIENCY = 0.75
 
 # Used when no profile is given and none is cached: H100 figures from ../shared/DESIGN.md
 # (copies, fp16 matmul, CPU matmul). HBM bandwidth, disk and CPU attention/dequantisation rates are
@@ -85,6 +89,9 @@ class Rates:
         self.disk_write = d["write_gib_s"] * GiB
         self.cpu_attn = _best(c.get("attention_gib_s"), cpu_threads) * GiB
         self.cpu_dequant = _best(c.get("dequant_gelem_s"), cpu_threads) * 1e9
+        # K/V rows written into a freshly allocated CPU cache: page faults set the rate (nominal
+        # 8 GiB/s when the profile predates the measurement)
+        self.fresh_write = c.get("fresh_write_gib_s", 8.0) * GiB
         if g:
             self.h2d_pinned = g["h2d_pinned_gib_s"] * GiB
             self.h2d_pageable = g["h2d_pageable_gib_s"] * GiB
@@ -313,7 +320,8 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                 d2h = np.zeros_like(g)
                 cpu_t = np.zeros_like(g)
                 ntok = g if r["kind"] == "head" else g * tokens   # the head sees one position per sequence
-                mm = np.maximum(ntok * r["flops"] / rates.flops, r["read"] / rates.dev_bw)
+                flops = rates.flops * (PREFILL_EFFICIENCY if prefill else 1.0)
+                mm = np.maximum(ntok * r["flops"] / flops, r["read"] / rates.dev_bw)
                 dev = k * mm + r["deq"] / rates.dequant
                 if r["kind"] == "attention":
                     hidx = ai
@@ -328,12 +336,15 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                         hg, hc, hdk = counts
                         on_cpu = ccc[m][mm2] & ~prefill
                         if prefill:   # the prompt's K/V stored to their tiers, attention on the device
-                            dev_a = 2 * 2 * g[mm2] * tokens * tokens / 2 * info.num_heads * hd / rates.flops
+                            dev_a = 2 * 2 * g[mm2] * tokens * tokens / 2 * info.num_heads * hd / flops
                             st = el * tokens * rb
-                            d2h_a = k[mm2] * st * (hc + hdk) / rates.d2h
+                            # with CPU attention the CPU heads' rows go out from the compute
+                            # thread (relay, then into the fresh heads-major store): in series
+                            ccc_p = ccc[m][mm2]
+                            d2h_a = k[mm2] * st * (np.where(ccc_p, 0, hc) + hdk) / rates.d2h
                             disk_a = k[mm2] * st * hdk / rates.disk_write
                             h2d_a = 0.0
-                            cpu_a = 0.0
+                            cpu_a = np.where(ccc_p, k[mm2] * st * hc * (1 / rates.d2h + 1 / rates.fresh_write), 0.0)
                         else:         # read the whole cache: on the device, over PCIe, or on the CPU
                             resident = el * ctx * hg
                             moved = el * ctx * (np.where(on_cpu, 0, hc) + hdk)
