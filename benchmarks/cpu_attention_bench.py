@@ -1,16 +1,19 @@
 """CPU decode-attention microbenchmark (issue 5): one layer's decode attention over a CPU-held KV
-cache, with the engine's kernel (flexgen/engine/cpu_attention.py), by thread count and block size.
+cache, with the engine's kernel (flexgen/engine/cpu_attention.py), by thread count and workers.
 
 Default shape: 64 sequences x 544 positions x OPT-30B's width (56 heads x 128), fp16 cache:
 2 x 64 x 544 x 7168 x 2 B = 998 MB read per layer. The floor is those bytes over the machine's
 memory bandwidth (measured here with a large copy at all threads, read + write counted).
 
 The store is heads-major (batch, heads, positions, d), as the engine keeps a CPU-attention cache,
-unless --layout positions (rows as read from disk: the kernel rearranges them block by block).
+unless --layout positions (rows as read from disk: the kernel copies each chunk of matrices out).
+--compress packs it 4-bit (group 64 along the head dim) in the same layout; the kernel unpacks
+chunk by chunk. Workers: 'threads' = one Python thread per torch thread (each running torch
+single-threaded), 1 = chunks in turn over torch's threads, 'auto' = the kernel's probed choice.
 
 Usage: PYTHONPATH=. python3 benchmarks/cpu_attention_bench.py [--seqs 64] [--ctx 544] [--heads 56]
-       [--kv-heads 56] [--head-dim 128] [--threads 1,2,4,8,16] [--blocks 64,512] [--compress]
-       [--layout heads|positions] [--dtype float16|bfloat16]
+       [--kv-heads 56] [--head-dim 128] [--threads 1,2,4,8,16] [--workers threads,1,auto]
+       [--chunk-mb 16] [--compress] [--layout heads|positions] [--dtype float16|bfloat16]
 """
 import argparse
 import os
@@ -18,7 +21,8 @@ import time
 
 import torch
 
-from flexgen.engine.cpu_attention import cpu_decode_attention
+from flexgen.engine import cpu_attention
+from flexgen.engine.cpu_attention import cpu_decode_attention, packed_chunks, row_chunks
 from flexgen.memory.compression import compress, decompress
 from flexgen.policy import CompressionConfig
 
@@ -50,12 +54,13 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=None)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--threads", default="1,2,4,8,16")
-    ap.add_argument("--blocks", default="512")
+    ap.add_argument("--chunk-mb", default="16", help="comma list: the kernel's chunk bound, MB of fp16 per K")
+    ap.add_argument("--blocks", help=argparse.SUPPRESS)   # older scripts' option: there are no blocks any more
     ap.add_argument("--compress", action="store_true", help="4-bit cache, group 64 on the head dim")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--workers", default="threads",
-                    help="comma list: 'threads' (the kernel's default: one chunk per thread) and/or '1' "
-                         "(one chunk, torch's own GEMM parallelism)")
+                    help="comma list of: 'threads' (a pool of one Python thread per torch thread), a number "
+                         "(that many Python threads; 1: torch's own GEMM parallelism), 'auto' (the probe)")
     ap.add_argument("--layout", choices=["heads", "positions"], default="heads")
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     a = ap.parse_args()
@@ -75,26 +80,25 @@ def main():
     k_new, v_new = torch.randn(1, b, g, d), torch.randn(1, b, g, d)
     invalid = torch.zeros(b, s + 1, dtype=torch.bool)
     scale = d ** -0.5
-    if a.compress:
-        cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=3)
-        kp, vp = compress(k.contiguous(), cfg), compress(v.contiguous(), cfg)
+    if a.compress:   # packed in the store's layout: heads-major parts are (b, g, s, groups, ...) seen as (s, ...)
+        cfg = CompressionConfig(num_bits=4, group_size=64, group_dim=-1)
+        hm = a.layout == "heads"
+        kp, vp = (compress(x.movedim(0, 2).contiguous() if hm else x, cfg) for x in (k, v))
         stored = kp.nbytes + vp.nbytes
-
-        def rows(lo, hi):  # unpack only the block's rows, as the engine does
-            return tuple(decompress(p.with_parts([t[lo:hi] for t in p.parts()]), torch.float16,
-                                    (hi - lo,) + p.shape[1:]) for p in (kp, vp))
+        k, v = (decompress(p, torch.float32).movedim(2, 0) if hm else decompress(p, torch.float32) for p in (kp, vp))
+        parts = [[t.movedim(2, 0) if hm else t for t in p.parts()] for p in (kp, vp)]
+        past = packed_chunks(parts[0], parts[1], cfg, d)
     else:
         stored = 2 * k.numel() * k.element_size()
-
-        def rows(lo, hi):
-            return k[lo:hi], v[lo:hi]
+        past = row_chunks(k, v)
 
     # reference in float64 on the whole cache
-    ref_k = torch.cat([k.double() if not a.compress else rows(0, s)[0].double(), k_new.double()])
-    ref_v = torch.cat([v.double() if not a.compress else rows(0, s)[1].double(), v_new.double()])
+    ref_k = torch.cat([k.double(), k_new.double()])
+    ref_v = torch.cat([v.double(), v_new.double()])
     qg = q.double().reshape(b, g, h // g, d) * scale
     p = torch.softmax(torch.einsum("bgrd,sbgd->bgrs", qg, ref_k), -1)
     ref = torch.einsum("bgrs,sbgd->bgrd", p, ref_v).reshape(b, 1, h, d)
+    del ref_k, ref_v, p
 
     torch.set_num_threads(max(threads))
     bw = copy_bandwidth()
@@ -102,20 +106,23 @@ def main():
           f" ({'4-bit' if a.compress else a.dtype}, {a.layout}-major); memory bandwidth (copy, {max(threads)} threads): "
           f"{bw:.1f} GiB/s -> floor {stored / (bw * GiB) * 1e3:.2f} ms/layer")
     table = []
-    for blk in (int(x) for x in a.blocks.split(",")):
+    for mb in (float(x) for x in a.chunk_mb.split(",")):
+        cpu_attention.CHUNK_ELEMS = int(mb * 1e6 / 2)
         for wk in a.workers.split(","):
             for t in threads:
                 torch.set_num_threads(t)
-                w = t if wk == "threads" else int(wk)
-                run = lambda: cpu_decode_attention(q, rows, s, k_new, v_new, invalid, scale, block=blk,  # noqa
-                                                   workers=w)
+                w = t if wk == "threads" else None if wk == "auto" else int(wk)
+                run = lambda: cpu_decode_attention(q, past, s, k_new, v_new, invalid, scale, workers=w)  # noqa
                 err = ((run().double() - ref).norm() / ref.norm()).item()
                 sec = timed(run, a.reps)
-                table.append((blk, w, t, sec, stored / sec / GiB, err))
-    print(f"\n{'block':>6} {'workers':>7} {'threads':>7} {'ms/layer':>9} {'GiB/s':>7} {'% of copy bw':>12} "
+                if w is None:
+                    w = t if cpu_attention._pool_wins(t) else 1
+                table.append((mb, wk, w, t, sec, stored / sec / GiB, err))
+    print(f"\n{'chunk MB':>8} {'workers':>13} {'threads':>7} {'ms/layer':>9} {'GiB/s':>7} {'% of copy bw':>12} "
           f"{'rel err':>9}")
-    for blk, w, t, sec, gibs, err in table:
-        print(f"{blk:6d} {w:7d} {t:7d} {sec * 1e3:9.2f} {gibs:7.2f} {100 * gibs / bw:11.1f}% {err:9.1e}")
+    for mb, wk, w, t, sec, gibs, err in table:
+        label = f"{w} ({wk})" if wk in ("auto", "threads") else str(w)
+        print(f"{mb:8g} {label:>13} {t:7d} {sec * 1e3:9.2f} {gibs:7.2f} {100 * gibs / bw:11.1f}% {err:9.1e}")
 
 
 if __name__ == "__main__":

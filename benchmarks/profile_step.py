@@ -1,5 +1,6 @@
 """Profile one generate() call of a dummy model: Python hot spots (cProfile) and kernels
-(torch.profiler). Usage: PYTHONPATH=. python3 benchmarks/profile_step.py facebook/opt-6.7b 8 1 100 0 100 0 100 0 [overlap]"""
+(torch.profiler). Usage: PYTHONPATH=. python3 benchmarks/profile_step.py facebook/opt-6.7b 8 1 100 0 100 0 100 0
+[overlap] [compress-weight] [compress-cache] [cpu-cache-compute]"""
 import cProfile
 import pstats
 import sys
@@ -12,9 +13,11 @@ from flexgen.flex_opt import ExecutionEnv, OptLM, Policy
 
 model, gbs, ngb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 pct = [float(x) for x in sys.argv[4:10]]
-overlap = len(sys.argv) > 10 and sys.argv[10] == "overlap"
+flags = set(sys.argv[10:])
 env = ExecutionEnv.create(tempfile.mkdtemp())
-lm = OptLM(model, env, "_DUMMY_", Policy(gbs, ngb, *pct, overlap=overlap), progress=False)
+policy = Policy(gbs, ngb, *pct, overlap="overlap" in flags, compress_weight="compress-weight" in flags,
+                compress_cache="compress-cache" in flags, cpu_cache_compute="cpu-cache-compute" in flags)
+lm = OptLM(model, env, "_DUMMY_", policy, progress=False)
 ids = np.random.default_rng(0).integers(100, 1000, size=(gbs * ngb, 512))
 lm.generate(ids, max_new_tokens=2)
 pr = cProfile.Profile()

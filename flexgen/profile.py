@@ -77,7 +77,7 @@ def thread_counts(cores: int) -> list[int]:
 # ---------------------------------------------------------------------------------------- CPU
 def profile_cpu(quick: bool) -> dict:
     import torch
-    from .engine.cpu_attention import cpu_decode_attention
+    from .engine.cpu_attention import cpu_decode_attention, row_chunks
     from .memory.compression import compress, decompress
     from .policy import CompressionConfig
 
@@ -89,17 +89,17 @@ def profile_cpu(quick: bool) -> dict:
     budget = 0.6 if quick else 2.0
     a, b = torch.randn(n, n), torch.randn(n, n)
     # decode attention as the engine runs it next to a CPU cache: the fp16 cache of a GPU run,
-    # stored heads-major, read in place by flexgen/engine/cpu_attention.py
+    # stored heads-major, read in place by flexgen/engine/cpu_attention.py (workers: its probed choice)
     bsz, heads, d, S = (4, 16, 64, 512) if quick else (8, 32, 128, 1024)
     q = torch.randn(bsz, 1, heads, d)
     kc = torch.randn(bsz, heads, S, d).half().movedim(2, 0)
     vc = torch.randn(bsz, heads, S, d).half().movedim(2, 0)
     invalid = torch.zeros(bsz, S, dtype=torch.bool)
     cache_bytes = 2 * kc.numel() * kc.element_size()
+    past = row_chunks(kc[:S - 1], vc[:S - 1])
 
     def attention():
-        cpu_decode_attention(q, lambda lo, hi: (kc[lo:hi], vc[lo:hi]), S - 1, kc[S - 1:], vc[S - 1:], invalid,
-                             d ** -0.5)
+        cpu_decode_attention(q, past, S - 1, kc[S - 1:], vc[S - 1:], invalid, d ** -0.5)
     w = torch.randn(1024, 1024 if quick else 4096)
     packed = compress(w, CompressionConfig(num_bits=4, group_size=64, group_dim=0))
     out = {"cores": cores, "threads": threads, "matmul_gflops": {}, "attention_gib_s": {}, "dequant_gelem_s": {}}

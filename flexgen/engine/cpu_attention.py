@@ -2,111 +2,195 @@
 
 With CPU attention on, the CPU part of the cache is stored heads-major (batch, kv_heads, positions,
 d; see kv_cache.py), so for every (sequence, kv head) the past keys and values are one contiguous
-(positions, d) matrix. Decode attention is then two batched matrix products over those matrices,
-read in place in the stored dtype (torch's CPU GEMMs use the cores' fp16/bf16 units where they
-exist): scores = q K^T, then softmax, then p V. Nothing of the size of the cache is copied.
+(positions, d) matrix. Decode attention is then two batched matrix products over those matrices in
+the stored dtype (torch's CPU GEMMs use the cores' fp16/bf16 units where they exist): scores = q K^T,
+softmax (accumulated in fp32), p V. The new token's key and value are folded in last, at full
+precision, with the log-sum-exp merge.
 
-Rows that arrive in another layout (read from disk, or unpacked from 4-bit) go in blocks of
-positions, each block rearranged and folded into a running softmax (max, sum, weighted values:
-the log-sum-exp merge), so the extra memory is one block. The new token's key and value come
-last, at full precision. Torch's intra-op threads (--cpu-threads) parallelise each product.
+The kernel walks chunks of the b * kv_heads matrices, and `past(lo, hi)` hands it each chunk as
+(hi - lo, positions, d): a view of a heads-major store (row_chunks), a chunk copied out of
+position-major rows read from disk (row_chunks), or a chunk unpacked from a packed 4/8-bit store
+into float32 (packed_chunks). A chunk is at most CHUNK_ELEMS values per K, and UNPACK_ELEMS per
+thread working on it where it is copied or unpacked (so its buffers stay in cache): the extra
+memory is (chunk x workers), never a copy of the cache.
+
+Parallelism, the rule: on some CPUs torch's fp16 bmm is parallel inside (Xeon with AVX512-FP16/AMX
+via oneDNN), on others it runs on one core (e.g. AMD without fp16 units), so neither "chunks in
+Python threads" nor "one chunk stream over torch's threads" wins everywhere, and nesting both
+oversubscribes. With workers=None, a one-time probe per process and thread count times both on
+a small fp16 cache and keeps the faster: 1 worker (chunks in turn, torch's intra-op threads) or
+one worker per torch thread (chunks on a pool of Python threads, each running torch single-threaded).
+An explicit `workers` = w overrides it: w Python threads of torch.get_num_threads() // w each.
 """
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-BLOCK = 512
+
+CHUNK_ELEMS = 8 << 20          # values per K chunk (16 MB at fp16): bounded memory, few Python calls
+UNPACK_ELEMS = 1 << 20         # ... per thread, where a chunk is copied or unpacked: its buffers stay in cache
 MATMUL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def cpu_decode_attention(q, past_rows, n_past: int, k_new, v_new, invalid, scale: float, block: int = BLOCK,
-                         workers: int | None = None):
-    """q: (b, 1, heads, d) on the CPU; past_rows(a, b) -> (k, v) rows [a, b) as (n, b, kv_heads, d);
-    k_new, v_new: (1, b, kv_heads, d); invalid: (b, n_past + 1) True where a position is padding.
-    workers: the (sequence, kv head) matrices are split into this many chunks computed by as many
-    threads (torch's CPU GEMMs in fp16 are single-threaded on many CPUs); default: torch's thread
-    count. Returns (b, 1, heads, d) float32."""
+def cpu_decode_attention(q, past, n_past: int, k_new, v_new, invalid, scale: float, workers: int | None = None):
+    """q: (b, 1, heads, d) on the CPU; past(lo, hi) -> (k, v), each (hi - lo, n_past, d): matrices
+    lo..hi of the b * kv_heads (sequence-major) index; k_new, v_new: (1, b, kv_heads, d);
+    invalid: (b, n_past + 1) True where a position is padding. Returns (b, 1, heads, d) float32."""
     b, _, heads, d = q.shape
     g = k_new.shape[2]
-    rep = heads // g
-    workers = max(1, min(workers or torch.get_num_threads(), b * g))
-    first = past_rows(0, min(block, n_past)) if n_past else None
-    if first is not None and _heads_major(first[0]):
-        blocks = [(0, n_past, past_rows(0, n_past))]   # views of the store: the whole past at once
-    else:
-        blocks = [(a, min(a + block, n_past), None) for a in range(0, n_past, block)]
-        if blocks:
-            blocks[0] = (0, blocks[0][1], first)
-    qm = q.reshape(b * g, rep, d).float() * scale
-    new = (_matrices(k_new.float()), _matrices(v_new.float()))
-    inv = invalid.repeat_interleave(g, dim=0)          # per (sequence, kv head) matrix
-    bounds = [(i * b * g // workers, (i + 1) * b * g // workers) for i in range(workers)]
+    bg = b * g
+    threads = torch.get_num_threads()
+    if workers is None:
+        workers = threads if _pool_wins(threads) else 1
+    workers = max(1, min(workers, bg))
+    state = _Softmax(q.reshape(bg, heads // g, d).float() * scale, invalid.repeat_interleave(g, dim=0))
+    if n_past:
+        # a multiple of `workers` chunks, each within CHUNK_ELEMS, so the threads finish together
+        limit = min(CHUNK_ELEMS, getattr(past, "elems_per_thread", CHUNK_ELEMS) * max(1, threads // workers))
+        rounds = -(-bg * n_past * d // (limit * workers))
+        per = -(-bg // (rounds * workers))
 
-    def chunk(lo, hi):
-        state = _Softmax(qm[lo:hi], inv[lo:hi])
-        for a, e, rows in blocks:
-            kb, vb = rows if rows is not None else past_rows(a, e)
-            state.fold(_matrices(kb)[lo:hi], _matrices(vb)[lo:hi], a, e)
-        state.fold(new[0][lo:hi], new[1][lo:hi], n_past, n_past + 1)
-        return state.result()
+        def chunk(lo):
+            hi = min(lo + per, bg)
+            k, v = past(lo, hi)
+            state.fold(k, v, 0, n_past, lo, hi)
 
-    if workers == 1 or len(blocks) > 1:   # blocks read in turn (disk rows, unpacked 4-bit): one thread
-        out = chunk(0, b * g)
-    else:
-        out = torch.cat(list(_pool(workers).map(lambda r: chunk(*r), bounds)))
-    return out.reshape(b, 1, heads, d)
+        if workers == 1:
+            for lo in range(0, bg, per):
+                chunk(lo)
+        else:
+            list(_pool(workers, max(1, threads // workers)).map(chunk, range(0, bg, per)))
+    state.fold(k_new.float().reshape(bg, 1, d), v_new.float().reshape(bg, 1, d), n_past, n_past + 1)
+    return state.result().reshape(b, 1, heads, d)
+
+
+def row_chunks(k, v):
+    """past(lo, hi) over rows (n, b, g, d): views where the rows are heads-major, else (rows read
+    from disk, position-major) one copy of the chunk."""
+    kf, vf = k.flatten(1, 2), v.flatten(1, 2)     # (n, b * g, d), a view in either layout
+
+    def matrices(rows, lo, hi):
+        m = rows[:, lo:hi].transpose(0, 1)
+        if m.dtype not in MATMUL_DTYPES:
+            return m.float()
+        return m if m.stride(2) == 1 and m.stride(1) == m.shape[2] else m.contiguous()
+
+    past = lambda lo, hi: (matrices(kf, lo, hi), matrices(vf, lo, hi))  # noqa: E731
+    if kf.stride(0) != kf.shape[2] or kf.dtype not in MATMUL_DTYPES:   # chunks are copies
+        past.elems_per_thread = UNPACK_ELEMS
+    return past
+
+
+def packed_chunks(k_parts, v_parts, config, d: int):
+    """past(lo, hi) over packed rows: k_parts, v_parts = [data, scale(, min)], each (n, b, g, groups,
+    ...) with the groups along the head dim d. Each chunk is unpacked by itself, straight into
+    (chunk, n, d) order (a heads-major store is read in its memory order), as float32: the exact
+    dequantised values, and no pass to cast them (fp16 casts and GEMMs are slow on CPUs without
+    fp16 units, and the products of a chunk in cache are cheap next to the unpacking)."""
+    kf, vf = [t.flatten(1, 2) for t in k_parts], [t.flatten(1, 2) for t in v_parts]
+
+    def unpack(parts, lo, hi):
+        # compression._decompress_torch's math (the same bits) into one buffer, in place: its
+        # full-size temporaries cost 5-10x here (page faults, cache misses)
+        data, scale, *mn = (t[:, lo:hi].transpose(0, 1) for t in parts)
+        c, n, groups, nbytes = data.shape
+        x = torch.empty(c, n, groups, config.group_size)
+        if config.num_bits == 4:
+            x[..., 0::2] = data & 0x0F
+            x[..., 1::2] = data >> 4
+        else:
+            x.copy_(data)
+        if config.symmetric:
+            x.sub_(1 << (config.num_bits - 1)).mul_(scale)
+        else:
+            x.mul_(scale).add_(mn[0])
+        return x.view(c, n, -1)[..., :d]
+
+    past = lambda lo, hi: (unpack(kf, lo, hi), unpack(vf, lo, hi))  # noqa: E731
+    past.elems_per_thread = UNPACK_ELEMS
+    return past
 
 
 _POOLS = {}
+_PROBED = {}
 
 
-def _pool(n: int) -> ThreadPoolExecutor:
-    if n not in _POOLS:
-        _POOLS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="flexgen-cpu-attn")
-    return _POOLS[n]
+def _pool(n: int, inner: int) -> ThreadPoolExecutor:
+    """n threads running torch with `inner` intra-op threads each. torch.set_num_threads is per
+    thread under OpenMP but also sets the default for threads started later: start all n now, then
+    put the default back to the caller's count."""
+    if (n, inner) not in _POOLS:
+        ready = threading.Barrier(n)
+        pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="flexgen-cpu-attn",
+                                  initializer=torch.set_num_threads, initargs=(inner,))
+        list(pool.map(lambda _: ready.wait(60), range(n)))   # each task holds a thread: all n start
+        torch.set_num_threads(torch.get_num_threads())
+        _POOLS[(n, inner)] = pool
+    return _POOLS[(n, inner)]
 
 
-def _heads_major(rows) -> bool:
-    """(n, b, g, d) rows whose memory is (b, g, n, d): each head's positions one contiguous matrix."""
-    return rows.stride(3) == 1 and rows.stride(0) == rows.shape[3] and rows.stride(1) == rows.shape[2] * rows.stride(2)
+def _pool_wins(threads: int) -> bool:
+    """Whether chunks on a pool of `threads` Python threads beat one chunk stream over torch's
+    `threads` intra-op threads, timed once per process on an 8 MB heads-major fp16 store (read as K and V)."""
+    if threads <= 1:
+        return False
+    if threads not in _PROBED:
+        bg, n, d = 128, 256, 128
+        kv = torch.full((bg, n, d), 0.01, dtype=torch.float16)
+        q, new = torch.randn(bg, 1, 1, d), torch.randn(1, bg, 1, d)
+        invalid = torch.zeros(bg, n + 1, dtype=torch.bool)
 
+        def once(workers):
+            t = time.perf_counter()
+            cpu_decode_attention(q, lambda lo, hi: (kv[lo:hi], kv[lo:hi]), n, new, new, invalid, 0.1, workers)
+            return time.perf_counter() - t
 
-def _matrices(rows):
-    """(n, b, g, d) -> (b * g, n, d): a view for heads-major rows, else one copy."""
-    n, b, g, d = rows.shape
-    m = rows.permute(1, 2, 0, 3)
-    if rows.dtype not in MATMUL_DTYPES:
-        m = m.float()
-    return m.reshape(b * g, n, d)
+        # alternated, best of 4 each: a burst of other load hits both modes alike
+        times = {1: [], threads: []}
+        for _ in range(5):
+            for w in times:
+                times[w].append(once(w))
+        _PROBED[threads] = min(times[threads][1:]) < min(times[1][1:])   # the first: warm-up
+    return _PROBED[threads]
 
 
 class _Softmax:
-    """A running softmax over blocks of positions for every (sequence x kv head, query head)."""
+    """A running softmax for every (sequence x kv head, query head), folded over blocks of
+    positions; chunks of matrices fold into their own rows (so threads never share a row)."""
 
     def __init__(self, q, invalid):
         self.q, self.invalid = q, invalid          # q: (m, rep, d) float32; invalid: (m, n_past + 1)
-        self.m = torch.full(q.shape[:-1], float("-inf"))                # running max (m, rep)
-        self.total = torch.zeros(q.shape[:-1])                          # running sum of exp
-        self.acc = torch.zeros(q.shape)                                 # running weighted values
-        self._q_as = {torch.float32: q}
+        self.masked = bool(invalid.any())
+        self.m = torch.empty(q.shape[:-1])                              # running max (m, rep)
+        self.total = torch.empty(q.shape[:-1])                          # running sum of exp
+        self.acc = torch.empty(q.shape)                                 # running weighted values
 
-    def fold(self, k, v, a, e):
-        """k, v: (m, e - a, d) in one dtype, positions [a, e)."""
-        q = self._q_as.get(k.dtype)
-        if q is None:
-            q = self._q_as[k.dtype] = self.q.to(k.dtype)
-        scores = torch.bmm(q, k.transpose(1, 2)).float()                # (m, rep, n)
-        scores.masked_fill_(self.invalid[:, None, a:e], float("-inf"))
-        m_new = torch.maximum(self.m, scores.amax(-1))
+    def fold(self, k, v, a, e, lo=0, hi=None):
+        """k, v: (hi - lo, e - a, d) in one dtype: positions [a, e) of matrices lo..hi; a == 0 is
+        the first block of those rows (nothing to merge with)."""
+        rows = slice(lo, hi)
+        scores = torch.bmm(self.q[rows].to(k.dtype), k.transpose(1, 2)).float()   # (m, rep, n)
+        if self.masked:
+            scores.masked_fill_(self.invalid[rows, None, a:e], float("-inf"))
+        m_new = scores.amax(-1)
+        if a:
+            m_old = self.m[rows]
+            m_new = torch.maximum(m_old, m_new)
         # rows with nothing valid yet keep -inf: shift by 0 there so exp() gives 0, not NaN
-        shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        p = torch.exp(scores - shift[..., None])
-        corr = torch.exp(self.m - shift)
-        self.total = self.total * corr + p.sum(-1)
-        self.acc = self.acc * corr[..., None] + torch.bmm(p.to(v.dtype), v).float()
-        self.m = m_new
+        shift = torch.where(torch.isinf(m_new), 0.0, m_new)
+        p = scores.sub_(shift[..., None]).exp_()
+        pv = torch.bmm(p.to(v.dtype), v).float()
+        if a:
+            corr = (m_old - shift).exp_()
+            self.total[rows] = self.total[rows] * corr + p.sum(-1)
+            self.acc[rows] = self.acc[rows] * corr[..., None] + pv
+        else:
+            self.total[rows], self.acc[rows] = p.sum(-1), pv
+        self.m[rows] = m_new
 
     def result(self):
         return self.acc / self.total[..., None]

@@ -16,7 +16,7 @@ import torch
 from ..models.base import StepContext
 from ..memory.placement import TieredBuffer
 from .attention import attend as attention_core
-from .cpu_attention import cpu_decode_attention
+from .cpu_attention import cpu_decode_attention, packed_chunks, row_chunks
 from .io import IO, Pending
 from .kv_cache import LayerCache
 
@@ -230,7 +230,8 @@ class BlockRunner:
         t0 = time.perf_counter()
         q, k_new, v_new, invalid = qs.cpu(), k_new.cpu(), v_new.cpu(), invalid.cpu()
         t1 = time.perf_counter()
-        o = cpu_decode_attention(q, _cpu_rows(cache, seg, loaded), step.start, k_new, v_new, invalid, scale)
+        past = _cpu_rows(cache, seg, loaded, step.start)
+        o = cpu_decode_attention(q, past, step.start, k_new, v_new, invalid, scale)
         self._gpu_wait_s += t1 - t0
         self._cpu_attn_s += time.perf_counter() - t1
         return o.to(qs.device, qs.dtype)
@@ -258,13 +259,18 @@ def new_timings() -> dict:
     return {"prefill": [], "decode": [], "cpu_attention": [], "gpu_wait": []}
 
 
-def _cpu_rows(cache, seg, loaded):
-    """past_rows(a, b) for the CPU attention kernel: resident rows read in place (unpacked block by
-    block when compressed), or rows of what was read from disk."""
-    if cache.resident[seg]:
-        return lambda a, b: cache.resident_rows(seg, b, a)
-    pk, pv = loaded[seg]
-    return lambda a, b: (pk[a:b], pv[a:b])
+def _cpu_rows(cache, seg, loaded, n):
+    """past(lo, hi) for the CPU attention kernel over the first n positions: chunks of a resident
+    (heads-major) segment as views, or unpacked chunk by chunk when compressed; chunks of the rows
+    read from disk (unpacked already, position-major) copied out."""
+    if not cache.resident[seg]:
+        pk, pv = loaded[seg]
+        return row_chunks(pk[:n], pv[:n])
+    if cache.compressed:
+        def parts(buf):
+            return [p.segments[seg][1][:n] for p in buf.parts]
+        return packed_chunks(parts(cache.k), parts(cache.v), cache.k.config, cache.k.shape[-1])
+    return row_chunks(*cache.resident_rows(seg, n))
 
 
 class BlockResult:
