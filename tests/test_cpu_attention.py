@@ -119,8 +119,8 @@ def test_workers_agree(dtype):
 
 
 def test_memory_is_bounded_by_chunks(monkeypatch):
-    """The kernel asks for chunks of matrices, each within CHUNK_ELEMS, never the whole b * g range,
-    and at least one chunk per worker."""
+    """Chunks that are copied or unpacked stay within CHUNK_ELEMS, never the whole b * g range;
+    views of a heads-major store (no memory) come as one chunk per worker."""
     q, k, v, valid = case(8, 8, 4, 99, 8, torch.float16, heads_major=True)   # b * g = 32 matrices
     monkeypatch.setattr(cpu_attention, "CHUNK_ELEMS", 4 * 99 * 8)           # 4 matrices a chunk
     asked = []
@@ -131,12 +131,17 @@ def test_memory_is_bounded_by_chunks(monkeypatch):
         return past(lo, hi)
 
     got = run(q, spy, 99, k, v, valid, workers=1)
-    assert sorted(asked) == [(lo, lo + 4) for lo in range(0, 32, 4)]
+    assert asked == [(0, 32)]
     torch.testing.assert_close(got, dense(q, k, v, valid), rtol=3e-3, atol=3e-3)
-    monkeypatch.setattr(cpu_attention, "CHUNK_ELEMS", 1 << 30)
     asked.clear()
     run(q, spy, 99, k, v, valid, workers=3)
     assert len(asked) == 3 and sorted(asked)[-1][1] == 32 and all(hi - lo <= 11 for lo, hi in asked)
+    spy.elems_per_thread = 1 << 30   # as if copied: CHUNK_ELEMS bounds each chunk
+    asked.clear()
+    got = run(q, spy, 99, k, v, valid, workers=1)
+    assert sorted(asked) == [(lo, lo + 4) for lo in range(0, 32, 4)]
+    torch.testing.assert_close(got, dense(q, k, v, valid), rtol=3e-3, atol=3e-3)
+    monkeypatch.setattr(cpu_attention, "CHUNK_ELEMS", 1 << 30)
     # a past that unpacks (packed_chunks) bounds its chunks per torch thread running one
     spy.elems_per_thread = 2 * 99 * 8
     asked.clear()

@@ -18,7 +18,7 @@ Parallelism, the rule: on some CPUs torch's fp16 bmm is parallel inside (Xeon wi
 via oneDNN), on others it runs on one core (e.g. AMD without fp16 units), so neither "chunks in
 Python threads" nor "one chunk stream over torch's threads" wins everywhere, and nesting both
 oversubscribes. With workers=None, a one-time probe per process and thread count times both on
-a small fp16 cache and keeps the faster: 1 worker (chunks in turn, torch's intra-op threads) or
+a 64 MB fp16 cache and keeps the faster: 1 worker (chunks in turn, torch's intra-op threads) or
 one worker per torch thread (chunks on a pool of Python threads, each running torch single-threaded).
 An explicit `workers` = w overrides it: w Python threads of torch.get_num_threads() // w each.
 """
@@ -49,10 +49,13 @@ def cpu_decode_attention(q, past, n_past: int, k_new, v_new, invalid, scale: flo
     workers = max(1, min(workers, bg))
     state = _Softmax(q.reshape(bg, heads // g, d).float() * scale, invalid.repeat_interleave(g, dim=0))
     if n_past:
-        # a multiple of `workers` chunks, each within CHUNK_ELEMS, so the threads finish together
-        limit = min(CHUNK_ELEMS, getattr(past, "elems_per_thread", CHUNK_ELEMS) * max(1, threads // workers))
-        rounds = -(-bg * n_past * d // (limit * workers))
-        per = -(-bg // (rounds * workers))
+        copied = getattr(past, "elems_per_thread", None)
+        if copied is None:   # views of the store cost no memory: one chunk per worker, the fewest calls
+            per = -(-bg // workers)
+        else:                # a multiple of `workers` chunks within CHUNK_ELEMS: threads finish together
+            limit = min(CHUNK_ELEMS, copied * max(1, threads // workers))
+            rounds = -(-bg * n_past * d // (limit * workers))
+            per = -(-bg // (rounds * workers))
 
         def chunk(lo):
             hi = min(lo + per, bg)
@@ -135,12 +138,12 @@ def _pool(n: int, inner: int) -> ThreadPoolExecutor:
 
 def _pool_wins(threads: int) -> bool:
     """Whether chunks on a pool of `threads` Python threads beat one chunk stream over torch's
-    `threads` intra-op threads, timed once per process on an 8 MB heads-major fp16 store (read as K and V)."""
+    `threads` intra-op threads, timed once per process on a 64 MB heads-major fp16 store (read as K and V)."""
     if threads <= 1:
         return False
     if threads not in _PROBED:
-        bg, n, d = 128, 256, 128
-        kv = torch.full((bg, n, d), 0.01, dtype=torch.float16)
+        bg, n, d = 512, 512, 128   # 64 MB: big enough for torch's parallel GEMM to show
+        kv = torch.randn(bg, n, d).to(torch.float16)
         q, new = torch.randn(bg, 1, 1, d), torch.randn(1, bg, 1, d)
         invalid = torch.zeros(bg, n + 1, dtype=torch.bool)
 
