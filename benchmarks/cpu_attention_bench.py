@@ -14,6 +14,7 @@ single-threaded), 1 = chunks in turn over torch's threads, 'auto' = the kernel's
 Usage: PYTHONPATH=. python3 benchmarks/cpu_attention_bench.py [--seqs 64] [--ctx 544] [--heads 56]
        [--kv-heads 56] [--head-dim 128] [--threads 1,2,4,8,16] [--workers threads,1,auto]
        [--chunk-mb 16] [--compress] [--layout heads|positions] [--dtype float16|bfloat16]
+       [--spare 16] [--written-only]
 """
 import argparse
 import os
@@ -61,6 +62,10 @@ def main():
     ap.add_argument("--workers", default="threads",
                     help="comma list of: 'threads' (a pool of one Python thread per torch thread), a number "
                          "(that many Python threads; 1: torch's own GEMM parallelism), 'auto' (the probe)")
+    ap.add_argument("--spare", type=int, default=16,
+                    help="unwritten rows after --ctx in a heads-major store (decode is mid-way through)")
+    ap.add_argument("--written-only", action="store_true",
+                    help="pass views of only the written rows (unevenly strided matrices)")
     ap.add_argument("--layout", choices=["heads", "positions"], default="heads")
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     a = ap.parse_args()
@@ -70,9 +75,11 @@ def main():
     threads = [t for t in (int(x) for x in a.threads.split(",")) if t <= cores]
     torch.manual_seed(0)
     dt = getattr(torch, a.dtype)
-    if a.layout == "heads":   # (b, g, s, d) in memory, seen as (s, b, g, d)
-        k = (torch.randn(b, g, s, d) * 0.5).to(dt).movedim(2, 0)
-        v = torch.randn(b, g, s, d).to(dt).movedim(2, 0)
+    spare = a.spare if a.layout == "heads" and not a.compress else 0
+    if a.layout == "heads":   # (b, g, s + spare, d) in memory, seen as (s + spare, b, g, d)
+        store_k = (torch.randn(b, g, s + spare, d) * 0.5).to(dt).movedim(2, 0)
+        store_v = torch.randn(b, g, s + spare, d).to(dt).movedim(2, 0)
+        k, v = store_k[:s], store_v[:s]
     else:
         k = (torch.randn(s, b, g, d) * 0.5).to(dt)
         v = torch.randn(s, b, g, d).to(dt)
@@ -90,7 +97,9 @@ def main():
         past = packed_chunks(parts[0], parts[1], cfg, d)
     else:
         stored = 2 * k.numel() * k.element_size()
-        past = row_chunks(k, v)
+        # as the engine does: views over the store's whole capacity, the rows past s masked (a view
+        # of only the written rows is what --written-only measures: torch's slow strided GEMM path)
+        past = row_chunks(k, v) if a.written_only or not spare else row_chunks(store_k, store_v)
 
     # reference in float64 on the whole cache
     ref_k = torch.cat([k.double(), k_new.double()])

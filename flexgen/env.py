@@ -140,10 +140,8 @@ class ExecutionEnv:
     def _alloc_host(self, shape, dtype, pinned: bool) -> torch.Tensor:
         if self.numa is not None:
             t = self.numa.allocate(shape, dtype, pinned)
-        elif pinned:
-            t = pinned_memory.empty(shape, dtype)   # exact size: torch's allocator rounds up to 2^k
-        else:
-            t = torch.empty(shape, dtype=dtype)
+        else:  # a mapping of its own: exact size when pinned (torch rounds up to 2^k), zero-filled
+            t = pinned_memory.empty(shape, dtype, pinned)
         return self.host_bytes.add(t, pinned)
 
     def _alloc_staging(self, nbytes: int, pin: bool) -> torch.Tensor:

@@ -157,3 +157,22 @@ def test_probe_picks_a_mode_once():
     assert cpu_attention._pool_wins(n) is cpu_attention._PROBED.get(n, False)
     assert not cpu_attention._pool_wins(1)
     assert torch.get_num_threads() == n          # the pool's single-threaded workers leave ours alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rows_past_n_past_are_not_attended(dtype):
+    """The engine passes views over a store's whole capacity (evenly strided matrices, the GEMM's
+    fast path); rows past n_past hold whatever is there (finite) and must not count."""
+    g = torch.Generator().manual_seed(3)
+    b, kv, heads, d, cap, n_past = 2, 2, 4, 16, 30, 17
+    k = torch.randn(b, kv, cap, d, generator=g).to(dtype).movedim(2, 0)
+    v = torch.randn(b, kv, cap, d, generator=g).to(dtype).movedim(2, 0)
+    q = torch.randn(b, 1, heads, d, generator=g)
+    k_new, v_new = torch.randn(1, b, kv, d, generator=g), torch.randn(1, b, kv, d, generator=g)
+    invalid = torch.zeros(b, n_past + 1, dtype=torch.bool)
+    invalid[1, :5] = True
+    want = cpu_decode_attention(q, row_chunks(k[:n_past], v[:n_past]), n_past, k_new, v_new, invalid, d ** -0.5)
+    k[n_past:] = 1e4   # junk in the unwritten capacity
+    v[n_past:] = -1e4
+    got = cpu_decode_attention(q, row_chunks(k, v), n_past, k_new, v_new, invalid, d ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -2,7 +2,9 @@
 
 With CPU attention on, the CPU part of the cache is stored heads-major (batch, kv_heads, positions,
 d; see kv_cache.py), so for every (sequence, kv head) the past keys and values are one contiguous
-(positions, d) matrix. Decode attention is then two batched matrix products over those matrices in
+(positions, d) matrix. The products run over each store's whole capacity and the unwritten rows
+are masked: a view of only the written rows has a batch stride the GEMM libraries do not take,
+and torch then falls back to a loop 6-8x slower (bf16 here; fp16 in the engine on the H100 host). Decode attention is then two batched matrix products over those matrices in
 the stored dtype (torch's CPU GEMMs use the cores' fp16/bf16 units where they exist): scores = q K^T,
 softmax (accumulated in fp32), p V. The new token's key and value are folded in last, at full
 precision, with the log-sum-exp merge.
@@ -37,8 +39,9 @@ MATMUL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def cpu_decode_attention(q, past, n_past: int, k_new, v_new, invalid, scale: float, workers: int | None = None):
-    """q: (b, 1, heads, d) on the CPU; past(lo, hi) -> (k, v), each (hi - lo, n_past, d): matrices
-    lo..hi of the b * kv_heads (sequence-major) index; k_new, v_new: (1, b, kv_heads, d);
+    """q: (b, 1, heads, d) on the CPU; past(lo, hi) -> (k, v), each (hi - lo, n >= n_past, d):
+    matrices lo..hi of the b * kv_heads (sequence-major) index, whose rows past n_past (a store's
+    unwritten capacity, which must hold finite values) are ignored; k_new, v_new: (1, b, kv_heads, d);
     invalid: (b, n_past + 1) True where a position is padding. Returns (b, 1, heads, d) float32."""
     b, _, heads, d = q.shape
     g = k_new.shape[2]
@@ -173,12 +176,15 @@ class _Softmax:
         self.acc = torch.empty(q.shape)                                 # running weighted values
 
     def fold(self, k, v, a, e, lo=0, hi=None):
-        """k, v: (hi - lo, e - a, d) in one dtype: positions [a, e) of matrices lo..hi; a == 0 is
-        the first block of those rows (nothing to merge with)."""
+        """k, v: (hi - lo, >= e - a, d) in one dtype: positions [a, e) of matrices lo..hi, and
+        possibly more rows after them that are not attended (finite: they meet a zero weight);
+        a == 0 is the first block of those rows (nothing to merge with)."""
         rows = slice(lo, hi)
         scores = torch.bmm(self.q[rows].to(k.dtype), k.transpose(1, 2)).float()   # (m, rep, n)
+        if k.shape[1] > e - a:   # a view over the store's whole capacity: rows past e are not written
+            scores[..., e - a:] = float("-inf")
         if self.masked:
-            scores.masked_fill_(self.invalid[rows, None, a:e], float("-inf"))
+            scores[..., :e - a].masked_fill_(self.invalid[rows, None, a:e], float("-inf"))
         m_new = scores.amax(-1)
         if a:
             m_old = self.m[rows]

@@ -270,7 +270,9 @@ def _cpu_rows(cache, seg, loaded, n):
         def parts(buf):
             return [p.segments[seg][1][:n] for p in buf.parts]
         return packed_chunks(parts(cache.k), parts(cache.v), cache.k.config, cache.k.shape[-1])
-    return row_chunks(*cache.resident_rows(seg, n))
+    # the whole capacity of the heads-major store (zero-filled where not written yet): its
+    # matrices are evenly strided, which the GEMM needs to run fast; the kernel masks rows >= n
+    return row_chunks(*cache.resident_rows(seg, cache.k.shape[0]))
 
 
 class BlockResult:

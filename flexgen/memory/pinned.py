@@ -6,6 +6,10 @@ machine: a 103 MiB pinned tensor took 225 MiB of RSS, a 600 MiB one 1024 MiB), s
 page-locked with cudaHostRegister; PyTorch sees it as pinned (asynchronous copies work). The
 registration is dropped just before the mapping goes away, i.e. when the last tensor viewing it
 is freed. Falls back to PyTorch's allocator if registration fails.
+
+Pageable CPU-tier memory comes from mappings of their own too: fresh anonymous pages are zero, so
+a KV cache store's unwritten rows are finite (CPU attention reads over a store's whole capacity
+and masks them), and a NUMA memory policy bound to the pages ends with the mapping.
 """
 from __future__ import annotations
 
