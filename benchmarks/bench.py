@@ -30,6 +30,9 @@ SCENARIOS = {
     # P3: OPT-30B with the GPU capped at 24 GiB and the host at 110 GiB, policy chosen by the model
     "P3": ("flexgen.flex_opt", "--model facebook/opt-30b --percent auto --gpu-batch-size auto "
                                "--num-gpu-batches auto --gpu-mem 24GiB --cpu-mem 110GiB"),
+    # the policy --percent auto chose for P3 on the H100 (session 2), run explicitly
+    "P3x": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 60 40 60 40 100 0 --gpu-batch-size 32 "
+                                "--num-gpu-batches 2 --compress-weight --compress-cache"),
     # issue 5: OPT-30B, weights and cache on CPU, attention next to the cache (64 sequences:
     # 45 GiB of cache + 56 GiB of weights within 110 GiB of host memory)
     "C30": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 0 100 0 100 100 0 --gpu-batch-size 32 "

@@ -27,6 +27,12 @@ CPU_STAGE_OVERHEAD_S = 0.15e-3
 # attention and smaller shapes around the matmuls): 0.70-0.79 over eight policies on OPT-6.7B/13B/
 # 30B, H100, benchmarks/RESULTS.md (2026-11-26, session 2).
 PREFILL_EFFICIENCY = 0.75
+# Extra time per cached element a decode step reads from a compressed cache on the GPU, beyond
+# the profiled unpacking rate: the unpacked copy is concatenated with the new row and read again,
+# and new rows are quantised by several small kernels. Fitted on V6 (OPT-13B, cache all on GPU,
+# 4-bit: 0.194 s/step measured against 0.082 without it) and checked on P3 (within 15%), H100,
+# benchmarks/RESULTS.md (2026-11-26, session 2).
+COMPRESSED_CACHE_S_PER_ELEM = 8.1e-12
 
 # Used when no profile is given and none is cached: H100 figures from ../shared/DESIGN.md
 # (copies, fp16 matmul, CPU matmul). HBM bandwidth, disk and CPU attention/dequantisation rates are
@@ -349,7 +355,8 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                             resident = el * ctx * hg
                             moved = el * ctx * (np.where(on_cpu, 0, hc) + hdk)
                             deq = (el * ctx * (hg + np.where(on_cpu, 0, hc) + hdk)) if cc_ else 0.0
-                            dev_a = k[mm2] * ((resident + moved) * itemsize / rates.dev_bw + deq / rates.dequant)
+                            dev_a = k[mm2] * ((resident + moved) * itemsize / rates.dev_bw +
+                                              deq * (1 / rates.dequant + COMPRESSED_CACHE_S_PER_ELEM))
                             h2d_a = k[mm2] * moved * rb / rates.h2d_pinned
                             disk_a = k[mm2] * (el * ctx * hdk * rb / rates.disk_read + el * hdk * rb / rates.disk_write)
                             d2h_a = k[mm2] * el * (hc + hdk) * rb / rates.d2h
