@@ -8,7 +8,12 @@ Two knobs, each a positive integer or "auto" (the default):
   ``env.pool("store")``: disk reads and writes, and on a GPU the host side of disk <-> device
   relays).
 
-The ``auto`` rule (simple on purpose; not yet justified by measurement on the device):
+The ``auto`` rule (simple on purpose). What has been measured (benchmarks/RESULTS.md, H100 host,
+16-core Xeon): CPU decode attention over 1 GB of fp16 cache runs at 26.4 ms with 14 torch threads
+and 21.4 ms with 16 (the kernel is memory-bound and scales to all cores), so the 2 cores kept for
+I/O cost ~20% of the kernel's speed when nothing is on disk; the end-to-end comparison of splits
+(OPT-30B with CPU attention) is not measured yet, and this rule may give I/O its cores only when
+the policy uses the disk once it is.
 
 * usable cores = ``len(os.sched_getaffinity(0))`` (what this process may run on, e.g. under
   taskset or a cgroup cpuset), else ``os.cpu_count()``.
