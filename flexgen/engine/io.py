@@ -26,6 +26,8 @@ def adopt(obj, stream):
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             adopt(v, stream)
+    elif hasattr(obj, "tensors"):   # placement.Deferred: packed parts to unpack on `stream`
+        adopt(obj.tensors(), stream)
     return obj
 
 

@@ -48,8 +48,11 @@ class LayerCache:
         """The first `rows` positions of every non-resident segment, for attention (run ahead of
         compute). Resident segments return None: attention reads them in place."""
         to_compute = not self.cpu_compute
+        # rows for the device arrive packed when compressed (placement.Deferred), to be unpacked
+        # by compute, not on the copy stream
+        defer = to_compute and self.env.is_cuda
         return [None if self.resident[i] else
-                (self.k.read_rows(i, rows, to_compute), self.v.read_rows(i, rows, to_compute))
+                (self.k.read_rows(i, rows, to_compute, defer), self.v.read_rows(i, rows, to_compute, defer))
                 for i in range(len(self.ranges))]
 
     def resident_rows(self, i: int, rows: int, start: int = 0):

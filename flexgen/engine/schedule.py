@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..models.base import StepContext
-from ..memory.placement import TieredBuffer
+from ..memory.placement import TieredBuffer, unpacked
 from .attention import attend as attention_core
 from .cpu_attention import cpu_decode_attention, packed_chunks, row_chunks
 from .io import IO, Pending
@@ -139,7 +139,8 @@ class BlockRunner:
             if all(self.weights.resident(x) for x in stages[j]):  # views, no transfer to wait for
                 return Pending([self.weights.load(x) for x in stages[j]])
             on_disk = any(self.weights.on_disk(x) for x in stages[j])
-            return io.load(lambda: [self.weights.load(x) for x in stages[j]], on_disk)
+            # packed weights cross as packed bytes; they are unpacked on the compute stream
+            return io.load(lambda: [self.weights.load(x, defer=True) for x in stages[j]], on_disk)
 
         w_next = load_weights(0)
         cache_next = {(0, 0): load_cache(0, 0)}
@@ -157,6 +158,7 @@ class BlockRunner:
                     continue
                 if wdicts is None:
                     wdicts = io.result(w_fut) if w_fut.event or w_fut.future else w_fut.value
+                    wdicts = [{key: unpacked(w) for key, w in d.items()} for d in wdicts]
                 loaded = io.result(cfut) if cfut is not None else None
                 h = acts.get(k) if j > 0 else None
                 h = self._compute(stage, wdicts, h, k, step, caches, loaded, pending_cache, blk.score)
@@ -206,7 +208,7 @@ class BlockRunner:
                     ks = torch.cat([pk, k_rows[:, :, a:b].to(pk.device, pk.dtype)], dim=0)
                     vs = torch.cat([pv, v_rows[:, :, a:b].to(pv.device, pv.dtype)], dim=0)
                 else:
-                    pk, pv = loaded[seg]
+                    pk, pv = (unpacked(x) for x in loaded[seg])
                     ks = torch.cat([pk, k_rows[:, :, a:b].to(pk.device)], dim=0)
                     vs = torch.cat([pv, v_rows[:, :, a:b].to(pv.device)], dim=0)
                 dev = ks.device

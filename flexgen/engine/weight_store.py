@@ -83,13 +83,16 @@ class WeightStore:
         else:
             fill_dummy(storage, spec.init)
 
-    def load(self, j: int) -> dict:
-        """Layer j's weights on the compute device (views for what already lives there)."""
+    def load(self, j: int, defer: bool = False) -> dict:
+        """Layer j's weights on the compute device (views for what already lives there). With
+        defer, packed weights arrive packed (placement.Deferred): the caller unpacks them with
+        `unpacked` where it computes."""
         views = self._views.get(j)
-        return views if views is not None else self._load(j)
+        return views if views is not None else self._load(j, defer)
 
-    def _load(self, j: int) -> dict:
-        return {key: buf.load_joined() for key, buf in self.homes[j].items()}
+    def _load(self, j: int, defer: bool = False) -> dict:
+        return {key: buf.load_joined(defer) if isinstance(buf, PackedBuffer) else buf.load_joined()
+                for key, buf in self.homes[j].items()}
 
     def resident(self, j: int) -> bool:
         """Whether all of layer j's weights already live, unpacked, on the compute device."""

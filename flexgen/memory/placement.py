@@ -116,7 +116,7 @@ class TieredBuffer:
             else:
                 st.copy_(part)
 
-    def load_joined(self) -> torch.Tensor:
+    def load_joined(self, defer: bool = False) -> torch.Tensor:
         """The whole tensor on the compute device (the stored tensor itself where it lives there)."""
         parts = [self.read_rows(i, st.shape[0]) for i, (_, st, _, _) in enumerate(self.segments)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.split_dim)
@@ -134,8 +134,9 @@ class TieredBuffer:
                 st[row_start:row_start + n].copy_(part, non_blocking=True)
 
     # ---- per-segment row access (the KV cache) ------------------------------------------------
-    def read_rows(self, i: int, rows: int, to_compute: bool = True) -> torch.Tensor:
-        """Rows [0, rows) of segment i, on the compute device (or in host memory)."""
+    def read_rows(self, i: int, rows: int, to_compute: bool = True, defer: bool = False) -> torch.Tensor:
+        """Rows [0, rows) of segment i, on the compute device (or in host memory). (defer: for
+        PackedBuffer's signature; nothing to unpack here.)"""
         tier, st = self.segments[i][:2]
         if tier == "disk":
             return self.env.read_disk(st, 0, rows, to_compute=to_compute)
@@ -192,22 +193,25 @@ class PackedBuffer:
     def nbytes_on(self, tier: str) -> int:
         return sum(p.nbytes_on(tier) for p in self.parts)
 
-    def _unpack(self, parts, shape) -> torch.Tensor:
-        from .compression import Packed, decompress
+    def _unpack(self, parts, shape, defer: bool = False):
+        from .compression import Packed
         mn = parts[2] if len(parts) == 3 else None
-        return decompress(Packed(parts[0], parts[1], mn, tuple(shape), self.config), self.dtype)
+        packed = Deferred(Packed(parts[0], parts[1], mn, tuple(shape), self.config), self.dtype)
+        return packed if defer else packed.value()
 
     def fill_from(self, src: torch.Tensor):
         from .compression import compress
         for part, t in zip(self.parts, compress(src.to(self.env.device), self.config).parts()):
             part.fill_from(t)
 
-    def load_joined(self) -> torch.Tensor:
-        return self._unpack([p.load_joined() for p in self.parts], self.shape)
+    def load_joined(self, defer: bool = False):
+        """The tensor on the compute device; with defer, the packed parts moved there, to unpack
+        later (Deferred.value) on the stream that uses them."""
+        return self._unpack([p.load_joined() for p in self.parts], self.shape, defer)
 
-    def read_rows(self, i: int, rows: int, to_compute: bool = True) -> torch.Tensor:
+    def read_rows(self, i: int, rows: int, to_compute: bool = True, defer: bool = False):
         shape = [rows] + self._seg_shapes[i][1:]
-        return self._unpack([p.read_rows(i, rows, to_compute) for p in self.parts], shape)
+        return self._unpack([p.read_rows(i, rows, to_compute) for p in self.parts], shape, defer)
 
     def view_rows(self, i: int, rows: int, start: int = 0) -> torch.Tensor:
         shape = [rows - start] + self._seg_shapes[i][1:]
@@ -222,6 +226,27 @@ class PackedBuffer:
         for p in self.parts:
             p.close()
         self.segments = []
+
+
+class Deferred:
+    """Packed values moved to where they are used but not unpacked yet: a transfer on the copy
+    stream stays a transfer, and the unpacking runs on the stream that consumes the values (on
+    the copy stream it would delay the next layer's copy by the unpacking time)."""
+
+    def __init__(self, packed, dtype):
+        self.packed, self.dtype = packed, dtype
+
+    def tensors(self):
+        return self.packed.parts()
+
+    def value(self) -> torch.Tensor:
+        from .compression import decompress
+        return decompress(self.packed, self.dtype)
+
+
+def unpacked(x):
+    """x itself, or its values if it is Deferred."""
+    return x.value() if isinstance(x, Deferred) else x
 
 
 def _shape(st):
