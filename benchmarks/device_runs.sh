@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The device measurements of benchmarks/RESULTS.md, in named parts, one call for several parts:
+#   bash benchmarks/device_runs.sh PART [PART ...]
+# Every call first profiles the machine ($OUT/profile.json, used by every run's prediction).
+# Parts:
+#   p4          P4 ours beside the original FlexGen, twice, interleaved (carry .whl_orig)
+#   compress    P2 and LLaMA-2-70B with 4-bit weights, V6 (4-bit cache), P3 (--percent auto)
+#   validate    the cost model's policies V1-V9 and P3
+#   cpu-attn    the CPU-attention microbenchmark, then OPT-30B with CPU attention (C30) under the
+#               auto thread split and two others
+#   gpu-tests   the GPU test suite and gpu_smoke (carry .whl_tests)
+#   kernels     torch.profiler tables of a P2 and a V6 decode step
+# At most 8 files come back from $OUT: each part writes one; run logs stay in /tmp/benchlogs.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/benchlogs
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+lscpu | grep -E "Model name"; free -g | sed -n 2p
+timeout 60 python3 -m flexgen.profile --out "$OUT/profile.json" --offload-dir /tmp/flexgen_prof 2>&1 | tail -4
+export FLEXGEN_PROFILE=$OUT/profile.json
+bench() { python3 benchmarks/bench.py "$@" --out /tmp/benchlogs; }
+show() { grep -E "auto policy|predicted vs|breakdown|host memory held|peak host|exit status|rror|timeout" "$1"; }
+
+for part in "$@"; do
+  echo "=== $part"
+  case $part in
+    p4)
+      for r in a b; do
+        bench P4 --timeout 150 > "/tmp/benchlogs/ours_p4$r.txt" 2>&1; tail -1 "/tmp/benchlogs/ours_p4$r.txt"
+        ORIG_TIMEOUT=150 bash benchmarks/original_flexgen/run.sh P4 > "/tmp/benchlogs/orig_p4$r.txt" 2>&1
+        grep -A8 summary "/tmp/benchlogs/orig_p4$r.txt" | grep -E "throughput|latency"
+      done | tee "$OUT/p4.txt" ;;
+    compress)
+      bench P2 L70C V6 P3 --timeout 240 > "$OUT/compress.txt" 2>&1; show "$OUT/compress.txt"; tail -5 "$OUT/compress.txt" ;;
+    validate)
+      bench V1 V2 V3 V5 V6 V9 V4 V7 V8 P3 --timeout 240 > "$OUT/validate.txt" 2>&1; show "$OUT/validate.txt"
+      tail -11 "$OUT/validate.txt" ;;
+    cpu-attn)
+      M="$OUT/cpu_attention_bench.txt"
+      timeout 100 python3 benchmarks/cpu_attention_bench.py --threads 1,4,8,14,16 --workers auto,1,threads > "$M" 2>&1
+      timeout 60 python3 benchmarks/cpu_attention_bench.py --threads 14,16 --workers auto,1 --written-only >> "$M" 2>&1
+      timeout 60 python3 benchmarks/cpu_attention_bench.py --threads 4,16 --workers auto --compress >> "$M" 2>&1
+      grep -E "cache:|^ +[0-9]" "$M"
+      bench C30 C30+--cpu-threads=16+--io-threads=1 C30+--cpu-threads=8+--io-threads=2 --timeout 300 \
+        > "$OUT/c30.txt" 2>&1; show "$OUT/c30.txt"; tail -4 "$OUT/c30.txt" ;;
+    gpu-tests)
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tsite .whl_tests/*.whl
+      FLEXGEN_TEST_DEVICE=cuda PYTHONPATH=.:/tmp/tsite timeout 200 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_fidelity_opt.py tests/test_fidelity_llama.py tests/test_sampling.py tests/test_cpu_attention.py \
+        tests/test_compression.py tests/test_triton_dequant.py tests/test_pinned.py tests/test_policy_and_cli.py \
+        -k "not cli_" > "$OUT/gpu_tests.txt" 2>&1
+      tail -3 "$OUT/gpu_tests.txt"
+      timeout 120 python3 benchmarks/gpu_smoke.py cuda 2>&1 | tail -1 | tee -a "$OUT/gpu_tests.txt" ;;
+    kernels)
+      { timeout 90 python3 benchmarks/profile_step.py facebook/opt-30b 8 3 0 100 100 0 100 0 overlap compress-weight
+        timeout 60 python3 benchmarks/profile_step.py facebook/opt-13b 32 2 100 0 100 0 100 0 overlap compress-cache
+      } > "$OUT/kernels.txt" 2>&1; grep -E "^timings" "$OUT/kernels.txt" ;;
+    *) echo "unknown part: $part" ;;
+  esac
+done
