@@ -30,7 +30,7 @@ from .memory import pinned as pinned_memory
 from .memory.disk import DiskTensor
 from .memory.numa import NumaPlacement
 from .memory.placement import Staging
-from .parallel import ThreadSplit, resolve_threads
+from .parallel import ThreadSplit, policy_uses_disk, resolve_threads
 from .policy import PolicyError
 
 
@@ -93,6 +93,16 @@ class ExecutionEnv:
     @property
     def io_threads(self) -> int:
         return self.threads.io_threads
+
+    def fit_threads(self, policy) -> None:
+        """Re-resolve an `auto` thread split for the policy (no I/O cores when nothing is on
+        disk, see parallel.py). Before any I/O pool exists; explicit counts stay."""
+        t = self.threads
+        if not (t.cpu_auto or t.io_auto) or self._pools:
+            return
+        self.threads = resolve_threads(None if t.cpu_auto else t.cpu_threads, None if t.io_auto else t.io_threads,
+                                       t.cores, uses_disk=policy_uses_disk(policy))
+        torch.set_num_threads(self.threads.cpu_threads)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod

@@ -11,12 +11,14 @@ Two knobs, each a positive integer or "auto" (the default):
 The ``auto`` rule (simple on purpose). What has been measured (benchmarks/RESULTS.md, H100 host,
 16-core Xeon): CPU decode attention over 1 GB of fp16 cache runs at 26.4 ms with 14 torch threads
 and 21.4 ms with 16 (the kernel is memory-bound and scales to all cores), so the 2 cores kept for
-I/O cost ~20% of the kernel's speed when nothing is on disk; the end-to-end comparison of splits
-(OPT-30B with CPU attention) is not measured yet, and this rule may give I/O its cores only when
-the policy uses the disk once it is.
+I/O cost ~20% of the kernel's speed when nothing is on disk, hence the first rule below; the
+end-to-end comparison of splits (OPT-30B with CPU attention) is not measured yet.
 
 * usable cores = ``len(os.sched_getaffinity(0))`` (what this process may run on, e.g. under
   taskset or a cgroup cpuset), else ``os.cpu_count()``.
+* A policy with nothing on disk gets io_threads = 1 (its pools only ever wait) and every core for
+  compute: the CPU attention kernel is memory-bound and still gains from the 15th and 16th core.
+  Otherwise:
 * io_threads = 2 with 8 or more usable cores, else 1. The block schedule never has more than two
   loads in flight (the next stage's weights and the next GPU batch's cache), so a third load
   worker would sit idle; stores queue behind compute and are written by the store pool.
@@ -81,22 +83,28 @@ def _parse(value, flag: str, cores: int):
     return value
 
 
-def auto_io_threads(cores: int) -> int:
-    return 2 if cores >= 8 else 1
+def auto_io_threads(cores: int, uses_disk: bool = True) -> int:
+    return 2 if cores >= 8 and uses_disk else 1
 
 
-def auto_cpu_threads(cores: int, io_threads: int) -> int:
-    return max(1, cores - io_threads) if cores >= 8 else cores
+def auto_cpu_threads(cores: int, io_threads: int, uses_disk: bool = True) -> int:
+    return max(1, cores - io_threads) if cores >= 8 and uses_disk else cores
 
 
-def resolve_threads(cpu_threads=None, io_threads=None, cores: int | None = None) -> ThreadSplit:
-    """The thread split for these settings (ints, "auto" or None) on `cores` usable cores."""
+def resolve_threads(cpu_threads=None, io_threads=None, cores: int | None = None,
+                    uses_disk: bool = True) -> ThreadSplit:
+    """The thread split for these settings (ints, "auto" or None) on `cores` usable cores;
+    uses_disk: whether the policy puts anything on disk (False: no core is kept for I/O)."""
     cores = usable_cores() if cores is None else cores
     cpu = _parse(cpu_threads, "--cpu-threads", cores)
     io = _parse(io_threads, "--io-threads", cores)
     io_auto, cpu_auto = io is None, cpu is None
     if io is None:
-        io = auto_io_threads(cores)
+        io = auto_io_threads(cores, uses_disk)
     if cpu is None:
-        cpu = auto_cpu_threads(cores, io)
+        cpu = auto_cpu_threads(cores, io, uses_disk)
     return ThreadSplit(cpu, io, cpu_auto, io_auto, cores)
+
+
+def policy_uses_disk(policy) -> bool:
+    return any(policy.percents(kind)[2] > 0 for kind in ("weight", "cache", "act"))

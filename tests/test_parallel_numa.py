@@ -42,6 +42,32 @@ def test_auto_rule(cores, cpu, io):
     assert (s.cpu_threads, s.io_threads, s.cpu_auto, s.io_auto) == (cpu, io, True, True)
 
 
+@pytest.mark.parametrize("cores,cpu,io", [(2, 2, 1), (8, 8, 1), (16, 16, 1)])
+def test_auto_rule_without_disk_keeps_no_core_for_io(cores, cpu, io):
+    s = resolve_threads(None, None, cores=cores, uses_disk=False)
+    assert (s.cpu_threads, s.io_threads) == (cpu, io)
+    explicit = resolve_threads(None, 1 + (cores > 2), cores=cores, uses_disk=False)   # explicit stays
+    assert explicit.io_threads == 1 + (cores > 2) and explicit.cpu_threads == cores
+
+
+def test_env_fits_an_auto_split_to_the_policy(tmp_path):
+    from flexgen.policy import Policy
+    env = _env(tmp_path)
+    try:
+        env.fit_threads(Policy(1, 1, 100, 0, 100, 0, 100, 0))
+        want = resolve_threads(None, None, uses_disk=False)
+        assert (env.cpu_threads, env.io_threads) == (want.cpu_threads, want.io_threads)
+        assert torch.get_num_threads() == want.cpu_threads
+    finally:
+        env.close_copy_threads()
+    env = _env(tmp_path, cpu_threads=1)
+    try:
+        env.fit_threads(Policy(1, 1, 0, 0, 100, 0, 100, 0))   # weights on disk
+        assert env.cpu_threads == 1 and env.io_threads == resolve_threads(None, None).io_threads
+    finally:
+        env.close_copy_threads()
+
+
 def test_usable_cores_is_the_affinity_set():
     assert CORES == len(os.sched_getaffinity(0))
 

@@ -28,6 +28,7 @@ class LM:
         self.config = self.family.config
         self.info = self.family.info()
         self.env, self.policy, self.path = env, policy, path
+        env.fit_threads(policy)   # an `auto` split gives I/O no cores when nothing is on disk
         self.name = resolved.name
         self._resolved = resolved
         self._tokenizer = False
