@@ -91,8 +91,7 @@ class WeightStore:
         return views if views is not None else self._load(j, defer)
 
     def _load(self, j: int, defer: bool = False) -> dict:
-        return {key: buf.load_joined(defer) if isinstance(buf, PackedBuffer) else buf.load_joined()
-                for key, buf in self.homes[j].items()}
+        return {key: buf.load_joined(defer) for key, buf in self.homes[j].items()}
 
     def resident(self, j: int) -> bool:
         """Whether all of layer j's weights already live, unpacked, on the compute device."""
