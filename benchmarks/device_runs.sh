@@ -7,7 +7,7 @@
 #   compress    P2 and LLaMA-2-70B with 4-bit weights, V6 (4-bit cache), P3 (--percent auto)
 #   validate    the cost model's policies V1-V9 and P3
 #   cpu-attn    the CPU-attention microbenchmark, then OPT-30B with CPU attention (C30) under the
-#               auto thread split and two others
+#               auto thread split (16 + 1 with nothing on disk) and 14 + 2, 8 + 2
 #   gpu-tests   the GPU test suite and gpu_smoke (carry .whl_tests)
 #   kernels     torch.profiler tables of a P2 and a V6 decode step
 # At most 8 files come back from $OUT: each part writes one; run logs stay in /tmp/benchlogs.
@@ -41,7 +41,7 @@ for part in "$@"; do
       timeout 60 python3 benchmarks/cpu_attention_bench.py --threads 14,16 --workers auto,1 --written-only >> "$M" 2>&1
       timeout 60 python3 benchmarks/cpu_attention_bench.py --threads 4,16 --workers auto --compress >> "$M" 2>&1
       grep -E "cache:|^ +[0-9]" "$M"
-      bench C30 C30+--cpu-threads=16+--io-threads=1 C30+--cpu-threads=8+--io-threads=2 --timeout 300 \
+      bench C30 C30+--cpu-threads=14+--io-threads=2 C30+--cpu-threads=8+--io-threads=2 --timeout 300 \
         > "$OUT/c30.txt" 2>&1; show "$OUT/c30.txt"; tail -4 "$OUT/c30.txt" ;;
     gpu-tests)
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tsite .whl_tests/*.whl
