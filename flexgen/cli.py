@@ -277,8 +277,10 @@ def run(args, lm_class, log_prefix: str):
             print(f"peak host mem (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f} GB")
             print(f"peak host mem held (CPU tier + staging): {env.host_bytes.describe(peak=True)}")
             print(log_str)
-        if args.verbose >= 1:
-            pr = chosen.prediction if chosen is not None else predict_policy(family, policy, args, env)
+        pr = chosen.prediction if chosen is not None else predict_policy(family, policy, args, env)
+        if args.verbose >= 1 and pr is None:
+            print("predicted vs measured: no profile of this machine (python3 -m flexgen.profile makes one)")
+        elif args.verbose >= 1:
             print(f"predicted vs measured: prefill {pr.prefill_s:.3f} / {prefill_latency:.3f} s, decode step "
                   f"{pr.decode_step_s:.4f} / {decode_latency / max(gen_len - 1, 1):.4f} s, throughput "
                   f"{pr.throughput:.3f} / {total_throughput:.3f} token/s")
@@ -297,11 +299,15 @@ def run(args, lm_class, log_prefix: str):
 
 
 def predict_policy(family, policy, args, env):
-    """The performance model's prediction for an explicit policy (this machine's profile, else the
-    built-in one), printed beside the measurement so every run checks the model."""
+    """The performance model's prediction for an explicit policy, printed beside the measurement so
+    every run checks the model: from this machine's profile, else (on a GPU) the built-in H100
+    figures; None on a CPU-only machine without a profile (the built-in figures are a GPU's)."""
     from .optimizer.cost_model import DEFAULT_PROFILE, Workload, predict
     from .profile import load_profile
-    return predict(family, Workload(args.prompt_len, args.gen_len), policy, load_profile() or DEFAULT_PROFILE,
+    profile = load_profile()
+    if profile is None and not env.is_cuda:
+        return None
+    return predict(family, Workload(args.prompt_len, args.gen_len), policy, profile or DEFAULT_PROFILE,
                    is_cuda=env.is_cuda, cpu_threads=env.cpu_threads)
 
 
