@@ -26,7 +26,7 @@ import weakref
 
 import torch
 
-from .memory import pinned as pinned_memory
+from .memory import host_memory
 from .memory.disk import DiskTensor
 from .memory.numa import NumaPlacement
 from .memory.placement import Staging
@@ -151,7 +151,7 @@ class ExecutionEnv:
         if self.numa is not None:
             t = self.numa.allocate(shape, dtype, pinned)
         else:  # a mapping of its own: exact size when pinned (torch rounds up to 2^k), zero-filled
-            t = pinned_memory.empty(shape, dtype, pinned)
+            t = host_memory.empty(shape, dtype, pinned)
         return self.host_bytes.add(t, pinned)
 
     def _alloc_staging(self, nbytes: int, pin: bool) -> torch.Tensor:

@@ -182,9 +182,9 @@ class NumaPlacement:
             self.bind_pages(t)
             touch_pages(t)
 
-        from . import pinned
+        from . import host_memory
         with self.scope():   # pinned memory is placed while pageable, then locked where it is
-            return pinned.empty(shape, dtype, pin, prepare=place)
+            return host_memory.empty(shape, dtype, pin, prepare=place)
 
 
 def _node_int(v, flag) -> int:

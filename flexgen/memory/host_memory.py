@@ -1,4 +1,4 @@
-"""Page-locked host memory of exactly the size asked for.
+"""Host memory for the CPU tier, in mappings of its own: page-locked of exactly the size asked for.
 
 PyTorch's pinned allocator rounds every allocation up to a power of two (measured on the H100
 machine: a 103 MiB pinned tensor took 225 MiB of RSS, a 600 MiB one 1024 MiB), so OPT-30B's

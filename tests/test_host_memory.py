@@ -4,7 +4,7 @@ import gc
 import pytest
 import torch
 
-from flexgen.memory import pinned
+from flexgen.memory import host_memory
 
 
 def _available():
@@ -14,7 +14,7 @@ def _available():
 
 
 def test_mapping_lives_as_long_as_any_view():
-    t = pinned.empty((300, 7), torch.float16, pin=False)
+    t = host_memory.empty((300, 7), torch.float16, pin=False)
     t.fill_(2)
     view = t.movedim(1, 0)[2:]
     del t
@@ -24,7 +24,7 @@ def test_mapping_lives_as_long_as_any_view():
 
 def test_prepare_sees_the_memory_before_it_is_handed_out():
     seen = []
-    t = pinned.empty((4, 5), torch.float32, pin=False, prepare=lambda x: seen.append(x.shape))
+    t = host_memory.empty((4, 5), torch.float32, pin=False, prepare=lambda x: seen.append(x.shape))
     assert seen == [torch.Size([4, 5])] and t.shape == (4, 5)
 
 
@@ -33,7 +33,7 @@ def test_pinned_tensor_is_exact_size_and_copies_asynchronously():
     n = 600 << 20     # torch's pinned allocator takes 1 GiB for this (a power of two)
     torch.cuda.init()
     before = _available()
-    t = pinned.empty((n,), torch.uint8)
+    t = host_memory.empty((n,), torch.uint8)
     grown = before - _available()
     assert t.is_pinned()
     assert grown < n * 1.1, grown
