@@ -181,18 +181,17 @@ class ExecutionEnv:
         on the device, one copy into this thread's pinned staging buffer, then one host copy (a
         device-to-host copy into a strided pageable view would go element by element)."""
         order = sorted(range(dst.dim()), key=lambda i: -dst.stride(i))
-        src = src.permute(order).contiguous()
-        host = self._staging.get(src.numel() * src.element_size(), pin=True).view(src.dtype).view(src.shape)
-        host.copy_(src)  # blocking D2H
-        dst.permute(order).copy_(host)
+        dst.permute(order).copy_(self._staged(src.permute(order).contiguous()))
 
     def write_disk(self, dt: DiskTensor, src: torch.Tensor, row_start=0):
-        if src.device.type == "cuda":
-            host = self._staging.get(src.numel() * src.element_size(), pin=True)
-            host = host.view(src.dtype).view(src.shape)
-            host.copy_(src)  # blocking D2H into pinned memory
-            src = host
-        dt.write(src, row_start)
+        dt.write(self._staged(src) if src.device.type == "cuda" else src, row_start)
+
+    def _staged(self, src: torch.Tensor) -> torch.Tensor:
+        """A device tensor copied (blocking) into this thread's pinned staging buffer, laid out
+        contiguously; the thread's next relay reuses the buffer."""
+        host = self._staging.get(src.numel() * src.element_size(), pin=True).view(src.dtype).view(src.shape)
+        host.copy_(src)
+        return host
 
     # ---- streams and worker threads -----------------------------------------------------------
     def pool(self, name: str) -> cf.ThreadPoolExecutor:

@@ -2,12 +2,13 @@
 
 With CPU attention on, the CPU part of the cache is stored heads-major (batch, kv_heads, positions,
 d; see kv_cache.py), so for every (sequence, kv head) the past keys and values are one contiguous
-(positions, d) matrix. The products run over each store's whole capacity and the unwritten rows
-are masked: a view of only the written rows has a batch stride the GEMM libraries do not take,
-and torch then falls back to a loop 6-8x slower (bf16 here; fp16 in the engine on the H100 host). Decode attention is then two batched matrix products over those matrices in
+(positions, d) matrix. Decode attention is then two batched matrix products over those matrices in
 the stored dtype (torch's CPU GEMMs use the cores' fp16/bf16 units where they exist): scores = q K^T,
 softmax (accumulated in fp32), p V. The new token's key and value are folded in last, at full
-precision, with the log-sum-exp merge.
+precision, with the log-sum-exp merge. The products run over each store's whole capacity and the
+unwritten rows are masked: a view of only the written rows has a batch stride the GEMM libraries
+do not take, and torch then falls back to a loop 6-8x slower (bf16 here; fp16 in the engine on
+the H100 host).
 
 The kernel walks chunks of the b * kv_heads matrices, and `past(lo, hi)` hands it each chunk as
 (hi - lo, positions, d): a view of a heads-major store (row_chunks), a chunk copied out of
