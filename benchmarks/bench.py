@@ -37,6 +37,9 @@ SCENARIOS = {
     # 45 GiB of cache + 56 GiB of weights within 110 GiB of host memory)
     "C30": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 0 100 0 100 100 0 --gpu-batch-size 32 "
                                 "--num-gpu-batches 2 --cpu-cache-compute"),
+    # the same with the cache packed 4-bit: CPU attention over the packed cache
+    "C30C": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 0 100 0 100 100 0 --gpu-batch-size 32 "
+                                 "--num-gpu-batches 2 --cpu-cache-compute --compress-cache"),
     # issue 6: policies whose predicted time is checked against the measurement
     "V1": ("flexgen.flex_opt", "--model facebook/opt-6.7b --percent 100 0 100 0 100 0 --gpu-batch-size 32 "
                                "--num-gpu-batches 1"),

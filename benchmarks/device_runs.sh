@@ -10,6 +10,8 @@
 #               auto thread split (16 + 1 with nothing on disk) and 14 + 2, 8 + 2
 #   gpu-tests   the GPU test suite and gpu_smoke (carry .whl_tests)
 #   kernels     torch.profiler tables of a P2 and a V6 decode step
+#   cpu-attn-packed  the microbenchmark over a 4-bit cache, and C30 with the cache packed (C30C)
+#   c30-profile the compute thread's Python hot spots in C30's prefill and decode steps
 # At most 8 files come back from $OUT: each part writes one; run logs stay in /tmp/benchlogs.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -43,6 +45,14 @@ for part in "$@"; do
       grep -E "cache:|^ +[0-9]" "$M"
       bench C30 C30+--cpu-threads=14+--io-threads=2 C30+--cpu-threads=8+--io-threads=2 --timeout 300 \
         > "$OUT/c30.txt" 2>&1; show "$OUT/c30.txt"; tail -4 "$OUT/c30.txt" ;;
+    cpu-attn-packed)
+      M="$OUT/cpu_attention_packed.txt"
+      timeout 120 python3 benchmarks/cpu_attention_bench.py --threads 4,8,16 --workers auto,1 --compress > "$M" 2>&1
+      grep -E "cache:|^ +[0-9]" "$M"
+      bench C30C --timeout 300 > "$OUT/c30c.txt" 2>&1; show "$OUT/c30c.txt"; tail -2 "$OUT/c30c.txt" ;;
+    c30-profile)
+      timeout 300 python3 benchmarks/profile_step.py facebook/opt-30b 32 2 0 100 0 100 100 0 overlap \
+        cpu-cache-compute prefill no-kernels > "$OUT/c30_profile.txt" 2>&1; grep -E "^timings" "$OUT/c30_profile.txt" ;;
     gpu-tests)
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tsite .whl_tests/*.whl
       FLEXGEN_TEST_DEVICE=cuda PYTHONPATH=.:/tmp/tsite timeout 200 python3 -m pytest -q -p no:cacheprovider \

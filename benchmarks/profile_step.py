@@ -1,6 +1,7 @@
 """Profile one generate() call of a dummy model: Python hot spots (cProfile) and kernels
 (torch.profiler). Usage: PYTHONPATH=. python3 benchmarks/profile_step.py facebook/opt-6.7b 8 1 100 0 100 0 100 0
-[overlap] [compress-weight] [compress-cache] [cpu-cache-compute]"""
+[overlap] [compress-weight] [compress-cache] [cpu-cache-compute] [prefill] [no-kernels]
+prefill: first the hot spots of a prefill alone (generate of one token); no-kernels: no torch.profiler."""
 import cProfile
 import pstats
 import sys
@@ -20,12 +21,22 @@ policy = Policy(gbs, ngb, *pct, overlap="overlap" in flags, compress_weight="com
 lm = OptLM(model, env, "_DUMMY_", policy, progress=False)
 ids = np.random.default_rng(0).integers(100, 1000, size=(gbs * ngb, 512))
 lm.generate(ids, max_new_tokens=2)
-pr = cProfile.Profile()
-pr.enable()
-lm.generate(ids, max_new_tokens=8)
-pr.disable()
-print("timings", {k: [round(x, 4) for x in v] for k, v in lm.timings.items()})
-pstats.Stats(pr).sort_stats("tottime").print_stats(18)
+
+
+def hot_spots(new_tokens):
+    pr = cProfile.Profile()
+    pr.enable()
+    lm.generate(ids, max_new_tokens=new_tokens)
+    pr.disable()
+    print("timings", {k: [round(x, 4) for x in v] for k, v in lm.timings.items()})
+    pstats.Stats(pr).sort_stats("tottime").print_stats(18)
+
+
+if "prefill" in flags:
+    hot_spots(1)
+hot_spots(8)
+if "no-kernels" in flags:
+    sys.exit(0)
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
     lm.generate(ids, max_new_tokens=4)
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))

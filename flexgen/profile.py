@@ -7,7 +7,8 @@ What is measured (every rate is what the cost model in flexgen/optimizer/cost_mo
   bandwidth (a device-to-device copy); fp16 matmul rate at a few shapes (a decode-like skinny one,
   a prefill-like square one); the dequantisation rate of flexgen.memory.compression on the GPU.
 - cpu: matmul (fp32) and decode-attention rates by thread count (1, 2, 4, ... up to the cores,
-  capped at 32), memory bandwidth (a copy), dequantisation rate.
+  capped at 32), over an fp16 cache and over the same cache packed 4-bit; memory bandwidth (a
+  copy), dequantisation rate.
 - disk: read and write bandwidth of a temporary file in the offload directory, bypassing the page
   cache (O_DIRECT where the OS allows it, else fsync + posix_fadvise(DONTNEED) before reading).
 
@@ -77,7 +78,7 @@ def thread_counts(cores: int) -> list[int]:
 # ---------------------------------------------------------------------------------------- CPU
 def profile_cpu(quick: bool) -> dict:
     import torch
-    from .engine.cpu_attention import cpu_decode_attention, row_chunks
+    from .engine.cpu_attention import cpu_decode_attention, packed_chunks, row_chunks
     from .memory.compression import compress, decompress
     from .policy import CompressionConfig
 
@@ -98,11 +99,16 @@ def profile_cpu(quick: bool) -> dict:
     cache_bytes = 2 * kc.numel() * kc.element_size()
     past = row_chunks(kc, vc)   # as the engine passes it: the store's whole capacity, the last row unwritten
 
-    def attention():
-        cpu_decode_attention(q, past, S - 1, kc[S - 1:], vc[S - 1:], invalid, d ** -0.5)
+    def attention(over=past):
+        cpu_decode_attention(q, over, S - 1, kc[S - 1:], vc[S - 1:], invalid, d ** -0.5)
+    # the same cache packed 4-bit as --compress-cache stores it (groups along the head dim)
+    ccfg = CompressionConfig(num_bits=4, group_size=64, group_dim=3)
+    kp, vp = ([t.movedim(2, 0) for t in compress(x.movedim(0, 2).contiguous(), ccfg).parts()] for x in (kc, vc))
+    packed_past = packed_chunks(kp, vp, ccfg, d)
     w = torch.randn(1024, 1024 if quick else 4096)
     packed = compress(w, CompressionConfig(num_bits=4, group_size=64, group_dim=0))
-    out = {"cores": cores, "threads": threads, "matmul_gflops": {}, "attention_gib_s": {}, "dequant_gelem_s": {}}
+    out = {"cores": cores, "threads": threads, "matmul_gflops": {}, "attention_gib_s": {},
+           "packed_attention_gelem_s": {}, "dequant_gelem_s": {}}
     try:
         for t in threads:
             torch.set_num_threads(t)
@@ -110,6 +116,8 @@ def profile_cpu(quick: bool) -> dict:
             out["matmul_gflops"][str(t)] = 2 * n ** 3 / sec / 1e9
             sec = _timeit(attention, reps, budget_s=budget)
             out["attention_gib_s"][str(t)] = cache_bytes / sec / GiB
+            sec = _timeit(lambda: attention(packed_past), reps, budget_s=budget)
+            out["packed_attention_gelem_s"][str(t)] = 2 * kc[:S - 1].numel() / sec / 1e9   # K and V values
             sec = _timeit(lambda: decompress(packed, torch.float32), reps, budget_s=budget)
             out["dequant_gelem_s"][str(t)] = w.numel() / sec / 1e9
         torch.set_num_threads(threads[-1])
@@ -254,7 +262,8 @@ def main(argv=None) -> int:
         print("gpu: none (CPU-only profile)")
     t = str(c["threads"][-1])
     print(f"cpu {c['cores']} cores: matmul {c['matmul_gflops'][t]:.0f} GFLOP/s, attention "
-          f"{c['attention_gib_s'][t]:.1f} GiB/s of cache at {t} threads")
+          f"{c['attention_gib_s'][t]:.1f} GiB/s of cache at {t} threads "
+          f"({c['packed_attention_gelem_s'][t]:.1f} G values/s packed 4-bit)")
     print(f"disk {d['path']}: read {d['read_gib_s']:.2f} GiB/s, write {d['write_gib_s']:.2f} GiB/s "
           f"({'O_DIRECT' if d['direct_io'] else 'fsync + fadvise'})")
     print(f"saved {path} ({prof['seconds']:.1f} s)")

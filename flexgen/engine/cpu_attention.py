@@ -15,7 +15,7 @@ The kernel walks chunks of the b * kv_heads matrices, and `past(lo, hi)` hands i
 position-major rows read from disk (row_chunks), or a chunk unpacked from a packed 4/8-bit store
 into float32 (packed_chunks). A chunk is at most CHUNK_ELEMS values per K, and UNPACK_ELEMS per
 thread working on it where it is copied or unpacked (so its buffers stay in cache): the extra
-memory is (chunk x workers), never a copy of the cache.
+memory is one chunk per worker (buffers each thread keeps and reuses), never a copy of the cache.
 
 Parallelism, the rule: on some CPUs torch's fp16 bmm is parallel inside (Xeon with AVX512-FP16/AMX
 via oneDNN), on others it runs on one core (e.g. AMD without fp16 units), so neither "chunks in
@@ -23,7 +23,8 @@ Python threads" nor "one chunk stream over torch's threads" wins everywhere, and
 oversubscribes. With workers=None, a one-time probe per process and thread count times both on
 a 64 MB fp16 cache and keeps the faster: 1 worker (chunks in turn, torch's intra-op threads) or
 one worker per torch thread (chunks on a pool of Python threads, each running torch single-threaded).
-An explicit `workers` = w overrides it: w Python threads of torch.get_num_threads() // w each.
+Chunks that are copied or unpacked (disk rows, a packed store) always go to the pool: see
+auto_workers. An explicit `workers` = w overrides both: w Python threads of torch.get_num_threads() // w each.
 """
 from __future__ import annotations
 
@@ -48,12 +49,12 @@ def cpu_decode_attention(q, past, n_past: int, k_new, v_new, invalid, scale: flo
     g = k_new.shape[2]
     bg = b * g
     threads = torch.get_num_threads()
+    copied = getattr(past, "elems_per_thread", None)
     if workers is None:
-        workers = threads if _pool_wins(threads) else 1
+        workers = auto_workers(past, threads)
     workers = max(1, min(workers, bg))
     state = _Softmax(q.reshape(bg, heads // g, d).float() * scale, invalid.repeat_interleave(g, dim=0))
     if n_past:
-        copied = getattr(past, "elems_per_thread", None)
         if copied is None:   # views of the store cost no memory: one chunk per worker, the fewest calls
             per = -(-bg // workers)
         else:                # a multiple of `workers` chunks within CHUNK_ELEMS: threads finish together
@@ -75,18 +76,26 @@ def cpu_decode_attention(q, past, n_past: int, k_new, v_new, invalid, scale: flo
     return state.result().reshape(b, 1, heads, d)
 
 
+def auto_workers(past, threads: int) -> int:
+    """The rule above: chunks that are copied or unpacked are elementwise passes, fastest on one
+    thread each over a chunk in its cache (over torch's threads, every pass over a big chunk goes
+    out to memory); views of a store go where the probe says."""
+    return threads if getattr(past, "elems_per_thread", None) or _pool_wins(threads) else 1
+
+
 def row_chunks(k, v):
     """past(lo, hi) over rows (n, b, g, d): views where the rows are heads-major, else (rows read
     from disk, position-major) one copy of the chunk."""
     kf, vf = k.flatten(1, 2), v.flatten(1, 2)     # (n, b * g, d), a view in either layout
 
-    def matrices(rows, lo, hi):
+    def matrices(rows, lo, hi, which):
         m = rows[:, lo:hi].transpose(0, 1)
-        if m.dtype not in MATMUL_DTYPES:
-            return m.float()
-        return m if m.stride(2) == 1 and m.stride(1) == m.shape[2] else m.contiguous()
+        if m.dtype in MATMUL_DTYPES and m.stride(2) == 1 and m.stride(1) == m.shape[2]:
+            return m
+        dtype = m.dtype if m.dtype in MATMUL_DTYPES else torch.float32
+        return _scratch(which, m.numel(), dtype).view(m.shape).copy_(m)
 
-    past = lambda lo, hi: (matrices(kf, lo, hi), matrices(vf, lo, hi))  # noqa: E731
+    past = lambda lo, hi: (matrices(kf, lo, hi, "k"), matrices(vf, lo, hi, "v"))  # noqa: E731
     if kf.stride(0) != kf.shape[2] or kf.dtype not in MATMUL_DTYPES:   # chunks are copies
         past.elems_per_thread = UNPACK_ELEMS
     return past
@@ -100,30 +109,43 @@ def packed_chunks(k_parts, v_parts, config, d: int):
     fp16 units, and the products of a chunk in cache are cheap next to the unpacking)."""
     kf, vf = [t.flatten(1, 2) for t in k_parts], [t.flatten(1, 2) for t in v_parts]
 
-    def unpack(parts, lo, hi):
-        # compression._decompress_torch's math (the same bits) into one buffer, in place: its
-        # full-size temporaries cost 5-10x here (page faults, cache misses)
+    def unpack(parts, lo, hi, which):
+        # compression._decompress_torch's math (the same bits) into buffers this thread keeps:
+        # fresh full-size temporaries cost 5-10x here (page faults, which also serialise threads)
         data, scale, *mn = (t[:, lo:hi].transpose(0, 1) for t in parts)
         c, n, groups, nbytes = data.shape
-        x = torch.empty(c, n, groups, config.group_size)
+        x = _scratch(which, data.numel() * 8 // config.num_bits, torch.float32).view(c, n, groups, -1)
         if config.num_bits == 4:
-            x[..., 0::2] = data & 0x0F
-            x[..., 1::2] = data >> 4
+            nibble = _scratch("nibble", data.numel(), torch.uint8).view(data.shape)
+            x[..., 0::2] = torch.bitwise_and(data, 0x0F, out=nibble)
+            x[..., 1::2] = torch.bitwise_right_shift(data, 4, out=nibble)
         else:
             x.copy_(data)
+        s = _scratch("scale", scale.numel(), torch.float32).view(scale.shape).copy_(scale)
         if config.symmetric:
-            x.sub_(1 << (config.num_bits - 1)).mul_(scale)
+            x.sub_(1 << (config.num_bits - 1)).mul_(s)
         else:
-            x.mul_(scale).add_(mn[0])
+            x.mul_(s).add_(_scratch("min", scale.numel(), torch.float32).view(scale.shape).copy_(mn[0]))
         return x.view(c, n, -1)[..., :d]
 
-    past = lambda lo, hi: (unpack(kf, lo, hi), unpack(vf, lo, hi))  # noqa: E731
+    past = lambda lo, hi: (unpack(kf, lo, hi, "k"), unpack(vf, lo, hi, "v"))  # noqa: E731
     past.elems_per_thread = UNPACK_ELEMS
     return past
 
 
 _POOLS = {}
 _PROBED = {}
+_THREAD = threading.local()
+
+
+def _scratch(name: str, numel: int, dtype) -> torch.Tensor:
+    """A buffer of this thread's, reused from chunk to chunk (a chunk's K and V are folded before
+    the thread unpacks its next chunk); it grows to the largest chunk and stays."""
+    bufs = _THREAD.__dict__.setdefault("bufs", {})
+    buf = bufs.get(name)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = bufs[name] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 def _pool(n: int, inner: int) -> ThreadPoolExecutor:

@@ -95,6 +95,10 @@ class Rates:
         self.disk_write = d["write_gib_s"] * GiB
         self.cpu_attn = _best(c.get("attention_gib_s"), cpu_threads) * GiB
         self.cpu_dequant = _best(c.get("dequant_gelem_s"), cpu_threads) * 1e9
+        # CPU attention over a packed cache, K and V values per second (None: a profile that
+        # predates it; the fp16 read plus the generic unpacking rate stand in)
+        packed = c.get("packed_attention_gelem_s")
+        self.cpu_packed_attn = _best(packed, cpu_threads) * 1e9 if packed else None
         # K/V rows written into a freshly allocated CPU cache: page faults set the rate (nominal
         # 8 GiB/s when the profile predates the measurement)
         self.fresh_write = c.get("fresh_write_gib_s", 8.0) * GiB
@@ -360,8 +364,11 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                             h2d_a = k[mm2] * moved * rb / rates.h2d_pinned
                             disk_a = k[mm2] * (el * ctx * hdk * rb / rates.disk_read + el * hdk * rb / rates.disk_write)
                             d2h_a = k[mm2] * el * (hc + hdk) * rb / rates.d2h
-                            cpu_a = np.where(on_cpu, k[mm2] * (el * ctx * hc * 2 / rates.cpu_attn +
-                                                              (el * ctx * hc / rates.cpu_dequant if cc_ else 0)), 0.0)
+                            if cc_ and rates.cpu_packed_attn:
+                                cpu_read = el * ctx * hc / rates.cpu_packed_attn
+                            else:
+                                cpu_read = el * ctx * hc * 2 / rates.cpu_attn + (el * ctx * hc / rates.cpu_dequant if cc_ else 0)
+                            cpu_a = np.where(on_cpu, k[mm2] * cpu_read, 0.0)
                         idx = np.flatnonzero(mm2)
                         dev[idx] += dev_a
                         h2d = h2d + np.zeros_like(g)
