@@ -125,7 +125,7 @@ def main():
                 err = ((run().double() - ref).norm() / ref.norm()).item()
                 sec = timed(run, a.reps)
                 if w is None:
-                    w = cpu_attention.auto_workers(past, t)
+                    w = cpu_attention.auto_workers(t)
                 table.append((mb, wk, w, t, sec, stored / sec / GiB, err))
     print(f"\n{'chunk MB':>8} {'workers':>13} {'threads':>7} {'ms/layer':>9} {'GiB/s':>7} {'% of copy bw':>12} "
           f"{'rel err':>9}")

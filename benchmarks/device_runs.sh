@@ -12,6 +12,7 @@
 #   kernels     torch.profiler tables of a P2 and a V6 decode step
 #   cpu-attn-packed  the microbenchmark over a 4-bit cache, and C30 with the cache packed (C30C)
 #   c30-profile the compute thread's Python hot spots in C30's prefill and decode steps
+#   c30-stages  C30 with attention and MLP as separate stages (the default) and as one, and C30C briefly
 # At most 8 files come back from $OUT: each part writes one; run logs stay in /tmp/benchlogs.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -50,6 +51,9 @@ for part in "$@"; do
       timeout 120 python3 benchmarks/cpu_attention_bench.py --threads 4,8,16 --workers auto,1 --compress > "$M" 2>&1
       grep -E "cache:|^ +[0-9]" "$M"
       bench C30C --timeout 300 > "$OUT/c30c.txt" 2>&1; show "$OUT/c30c.txt"; tail -2 "$OUT/c30c.txt" ;;
+    c30-stages)
+      bench C30 C30+--sep-layer=false C30C+--gen-len=8 --timeout 240 > "$OUT/c30_stages.txt" 2>&1
+      show "$OUT/c30_stages.txt"; tail -4 "$OUT/c30_stages.txt" ;;
     c30-profile)
       timeout 300 python3 benchmarks/profile_step.py facebook/opt-30b 32 2 0 100 0 100 100 0 overlap \
         cpu-cache-compute prefill no-kernels > "$OUT/c30_profile.txt" 2>&1; grep -E "^timings" "$OUT/c30_profile.txt" ;;

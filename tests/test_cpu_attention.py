@@ -95,7 +95,7 @@ def test_packed_parts_are_the_engine_store():
     class Env:
         is_cuda, device = False, torch.device("cpu")
 
-        def allocate(self, tier, shape, dtype, name="", pin=False):
+        def allocate(self, tier, shape, dtype, name="", pin=False, reuse=False):
             return torch.empty(shape, dtype=dtype)
 
     shape = (20, 2, 3, 16)

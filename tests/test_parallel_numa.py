@@ -263,6 +263,58 @@ def test_host_bytes_counted_and_released(tmp_path):
         env.close_copy_threads()
 
 
+def test_cache_memory_handed_back_is_reused_zeroed(tmp_path):
+    env = _env(tmp_path)
+    try:
+        hb = env.host_bytes
+        base = hb.pageable
+        t = env.allocate("cpu", (8, 4, 3), torch.float16, reuse=True).movedim(2, 0)   # a heads-major store's view
+        gc.collect()
+        assert hb.pageable == base + 192          # counted while any view of the memory lives
+        t.fill_(float("nan"))
+        ptr = t.data_ptr()
+        env.recycle(t)
+        del t
+        gc.collect()
+        assert hb.pageable == base + 192          # kept for reuse: still held
+        u = env.allocate("cpu", (8, 4, 3), torch.float16, reuse=True)
+        assert u.data_ptr() == ptr and bool((u == 0).all())   # the same memory, zeroed
+        env.recycle(u)
+        other = env.allocate("cpu", (5,), torch.float32, reuse=True)   # another size: fresh, spares dropped
+        assert other.data_ptr() != ptr and env._spares == {}
+        del u
+        gc.collect()
+        assert hb.pageable == base + 20
+    finally:
+        env.close_copy_threads()
+
+
+@pytest.mark.parametrize("placement", ["cache_cpu_cpu_attn", "cache_split_cpu_attn"])
+def test_next_block_reuses_cache_memory(zoo, tmp_path, placement):
+    """A second generate takes the CPU cache memory the first handed back (poisoned with NaN in
+    between: it must come back zeroed) and gives the same tokens."""
+    env = _env(tmp_path)
+    policy = T.make_policy(placement)
+    name = "opt-tiny"
+    prompts = T.make_prompts(policy.block_size, 10, T.SPECS[name][1]["vocab_size"], T.pad_id_of(name))
+    lm = OptLM(zoo.checkpoint(name), env, zoo.cache_root, policy, progress=False)
+    try:
+        first = lm.generate(prompts, max_new_tokens=6, attention_mask=prompts != T.pad_id_of(name))
+        spares = [b for bases in env._spares.values() for b in bases]
+        assert spares
+        for b in spares:
+            b.fill_(0xFF)                          # NaN in fp16/fp32
+        ptrs = sorted(b.data_ptr() for b in spares)
+        del spares
+        second = lm.generate(prompts, max_new_tokens=6, attention_mask=prompts != T.pad_id_of(name))
+        np.testing.assert_array_equal(first, second)
+        assert sorted(b.data_ptr() for bases in env._spares.values() for b in bases) == ptrs
+    finally:
+        lm.close()
+        env.close_copy_threads()
+    assert env._spares == {}
+
+
 def test_host_bytes_match_weights_on_cpu(zoo, tmp_path):
     env = _env(tmp_path)
     lm = OptLM(zoo.checkpoint("opt-tiny"), env, zoo.cache_root, T.make_policy("weights_cpu_disk"), progress=False)

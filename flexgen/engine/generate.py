@@ -29,6 +29,7 @@ class LM:
         self.info = self.family.info()
         self.env, self.policy, self.path = env, policy, path
         env.fit_threads(policy)   # an `auto` split gives I/O no cores when nothing is on disk
+        env.release_spares()      # cache memory another model left for reuse
         self.name = resolved.name
         self._resolved = resolved
         self._tokenizer = False
@@ -220,6 +221,7 @@ class LM:
 
     def close(self):
         self.weights.close()
+        self.env.release_spares()
 
 
 def _cached_hub_snapshot(name):

@@ -28,11 +28,12 @@ class LayerCache:
         inner = bool(cpu_compute)
         if compression is None:
             make = lambda tag: TieredBuffer(env, shape, dtype, percents, split_dim=2, name=f"{name}.{tag}",  # noqa
-                                            pin=not inner, cpu_rows_inner=inner)
+                                            pin=not inner, cpu_rows_inner=inner, reuse=True)
         else:
             cfg = dataclasses.replace(compression, group_dim=3)  # our layout's head dim
             make = lambda tag: PackedBuffer(env, shape, dtype, cfg, percents, split_dim=2,  # noqa: E731
-                                            name=f"{name}.{tag}", pin=not inner, cpu_rows_inner=inner)
+                                            name=f"{name}.{tag}", pin=not inner, cpu_rows_inner=inner,
+                                            reuse=True)
         self.compressed = compression is not None
         self.k, self.v = make("k"), make("v")
         # A segment is "resident" when attention runs right where it is stored: new rows are
@@ -81,6 +82,8 @@ class LayerCache:
 
     stores_to_disk = loads_from_disk
 
-    def close(self):
-        self.k.close()
-        self.v.close()
+    def close(self, recycle: bool = False):
+        """recycle: the CPU-tier memory goes back to the environment for the next block's cache
+        (first touches of fresh pages are slow; see env.py)."""
+        self.k.close(recycle)
+        self.v.close(recycle)

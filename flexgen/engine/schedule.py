@@ -93,6 +93,7 @@ class BlockRunner:
                                                  p.comp_cache_config if p.compress_cache else None)
         acts = ActivationStore(env, p.percents("act"), self.dtype)
         pending_cache = {}
+        finished = False
         try:
             for i in range(T):
                 t0 = time.perf_counter()
@@ -116,9 +117,10 @@ class BlockRunner:
                     break
             for f in pending_cache.values():
                 f.wait_host()
+            finished = True
         finally:
-            for c in caches.values():
-                c.close()
+            for c in caches.values():   # reused only when no copy into it can still be in flight
+                c.close(recycle=finished)
             acts.close()
         return blk.result()
 

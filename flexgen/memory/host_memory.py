@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import weakref
 
 import torch
 
@@ -32,23 +33,32 @@ class _Mapping(mmap.mmap):
                 pass
 
 
-def empty(shape, dtype, pin: bool = True, prepare=None) -> torch.Tensor:
+def empty(shape, dtype, pin: bool = True, prepare=None, on_free=None) -> torch.Tensor:
     """An uninitialised host tensor in a mapping of its own, pinned if pin. prepare(tensor), if
     given, runs on the pageable memory before it is locked (NUMA placement binds and faults its
     pages there; a memory policy bound to a mapping of its own dies with it, while one bound to
-    heap pages would outlive the tensor)."""
+    heap pages would outlive the tensor). on_free() runs when the memory goes away: when the last
+    view of it is freed (the mapping lives exactly as long as the tensors' storage)."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes == 0:
-        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+        return _fallback(shape, dtype, pin, on_free)
     m = _Mapping(-1, nbytes)
     flat = torch.frombuffer(m, dtype=torch.uint8)  # holds the mapping while any view of it lives
     t = flat.view(dtype).view(shape)
     if prepare is not None:
         prepare(t)
-    if not pin:
-        return t
-    rc = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), nbytes, 0)
-    if int(getattr(rc, "value", rc)) != 0:
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
-    m.registered = flat.data_ptr()
+    if pin:
+        rc = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), nbytes, 0)
+        if int(getattr(rc, "value", rc)) != 0:
+            return _fallback(shape, dtype, pin, on_free)
+        m.registered = flat.data_ptr()
+    if on_free is not None:
+        weakref.finalize(m, on_free)
+    return t
+
+
+def _fallback(shape, dtype, pin, on_free):
+    t = torch.empty(shape, dtype=dtype, pin_memory=pin)
+    if on_free is not None:   # the tensor object's lifetime: the nearest there is for torch's memory
+        weakref.finalize(t, on_free)
     return t

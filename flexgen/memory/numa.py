@@ -176,7 +176,7 @@ class NumaPlacement:
                  _mask(self.nodes), ctypes.c_ulong(_MAXNODE), ctypes.c_uint(MPOL_MF_MOVE))
         return True
 
-    def allocate(self, shape, dtype, pin: bool) -> torch.Tensor:
+    def allocate(self, shape, dtype, pin: bool, on_free=None) -> torch.Tensor:
         """An empty host tensor (pinned if pin) with its pages on the placement's nodes."""
         def place(t):
             self.bind_pages(t)
@@ -184,7 +184,7 @@ class NumaPlacement:
 
         from . import host_memory
         with self.scope():   # pinned memory is placed while pageable, then locked where it is
-            return host_memory.empty(shape, dtype, pin, prepare=place)
+            return host_memory.empty(shape, dtype, pin, prepare=place, on_free=on_free)
 
 
 def _node_int(v, flag) -> int:

@@ -74,12 +74,14 @@ class TieredBuffer:
     rows are positions, the split is over heads)."""
 
     def __init__(self, env, shape, dtype, percents=(100, 0, 0), split_dim=0, name="t", pin=True,
-                 cpu_rows_inner=False):
+                 cpu_rows_inner=False, reuse=False):
         """cpu_rows_inner: the CPU-tier segment is stored with rows inside the split dims, e.g. a KV
         cache segment (positions, batch, heads, d) as (batch, heads, positions, d), and exposed as
         a permuted view of the usual shape; CPU attention then reads each head's positions as one
-        contiguous matrix."""
+        contiguous matrix. reuse: the CPU-tier segment takes memory a closed buffer handed back
+        (zeroed), and close(recycle=True) hands its own back (env.allocate, env.recycle)."""
         self.env = env
+        self.pin = pin
         self.shape = tuple(shape)
         self.dtype = dtype
         self.split_dim = split_dim
@@ -93,9 +95,9 @@ class TieredBuffer:
             seg_shape[split_dim] = count
             if tier == "cpu" and cpu_rows_inner and split_dim > 0:
                 stored = seg_shape[1:split_dim + 1] + seg_shape[:1] + seg_shape[split_dim + 1:]
-                st = env.allocate(tier, stored, dtype, name=name, pin=pin).movedim(split_dim, 0)
+                st = env.allocate(tier, stored, dtype, name=name, pin=pin, reuse=reuse).movedim(split_dim, 0)
             else:
-                st = env.allocate(tier, seg_shape, dtype, name=name, pin=pin)
+                st = env.allocate(tier, seg_shape, dtype, name=name, pin=pin, reuse=reuse)
             self.segments.append((tier, st, start, start + count))
             start += count
 
@@ -158,10 +160,14 @@ class TieredBuffer:
         else:
             dst.copy_(x, non_blocking=non_blocking)
 
-    def close(self):
+    def close(self, recycle: bool = False):
+        """recycle: hand the CPU-tier memory back for reuse (nothing may read it afterwards, and no
+        copy into it may be in flight)."""
         for tier, st, _, _ in self.segments:
             if tier == "disk":
                 st.close()
+            elif tier == "cpu" and recycle:
+                self.env.recycle(st, self.pin)
         self.segments = []
 
 
@@ -171,13 +177,13 @@ class PackedBuffer:
     are unpacked on whatever device reads them."""
 
     def __init__(self, env, shape, dtype, config, percents=(100, 0, 0), split_dim=0, name="t", pin=True,
-                 cpu_rows_inner=False):
+                 cpu_rows_inner=False, reuse=False):
         from .compression import check_config, packed_shapes
         check_config(config)
         self.env, self.shape, self.dtype, self.config, self.split_dim = env, tuple(shape), dtype, config, split_dim
         dims = packed_shapes(shape, config)
         kinds = (torch.uint8, torch.float16, torch.float16)
-        self.parts = [TieredBuffer(env, s, k, percents, split_dim, f"{name}.{tag}", pin, cpu_rows_inner)
+        self.parts = [TieredBuffer(env, s, k, percents, split_dim, f"{name}.{tag}", pin, cpu_rows_inner, reuse)
                       for s, k, tag in zip(dims, kinds, ("q", "scale", "min")) if s is not None]
         self.segments = self.parts[0].segments
         self._seg_shapes = []
@@ -222,9 +228,9 @@ class PackedBuffer:
         for part, t in zip(self.parts, compress(x, self.config).parts()):
             part.write_rows(i, t, start, non_blocking)
 
-    def close(self):
+    def close(self, recycle: bool = False):
         for p in self.parts:
-            p.close()
+            p.close(recycle)
         self.segments = []
 
 

@@ -238,6 +238,7 @@ def preflight(family, policy: Policy, prompt_len: int, gen_len: int, env) -> Mem
     """Raise MemoryFitError, naming the shortfall and a policy that would fit, when the policy's
     predicted peak memory exceeds what this machine has."""
     est = estimate_memory(family, policy, prompt_len, gen_len, env.is_cuda)
+    env.release_spares()   # a previous model's cache memory kept for reuse is not this run's
     mem = available_memory(env)
     short = shortfalls(est, mem)
     if short:
