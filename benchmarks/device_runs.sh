@@ -62,6 +62,7 @@ for part in "$@"; do
       FLEXGEN_TEST_DEVICE=cuda PYTHONPATH=.:/tmp/tsite timeout 200 python3 -m pytest -q -p no:cacheprovider \
         tests/test_fidelity_opt.py tests/test_fidelity_llama.py tests/test_sampling.py tests/test_cpu_attention.py \
         tests/test_compression.py tests/test_triton_dequant.py tests/test_host_memory.py tests/test_policy_and_cli.py \
+        tests/test_parallel_numa.py \
         -k "not cli_" > "$OUT/gpu_tests.txt" 2>&1
       tail -3 "$OUT/gpu_tests.txt"
       timeout 120 python3 benchmarks/gpu_smoke.py cuda 2>&1 | tail -1 | tee -a "$OUT/gpu_tests.txt" ;;

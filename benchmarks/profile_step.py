@@ -1,7 +1,8 @@
 """Profile one generate() call of a dummy model: Python hot spots (cProfile) and kernels
 (torch.profiler). Usage: PYTHONPATH=. python3 benchmarks/profile_step.py facebook/opt-6.7b 8 1 100 0 100 0 100 0
 [overlap] [compress-weight] [compress-cache] [cpu-cache-compute] [prefill] [no-kernels]
-prefill: first the hot spots of a prefill alone (generate of one token); no-kernels: no torch.profiler."""
+prefill: first the hot spots of a prefill alone (generate of one token, reusing the warm-up's
+cache memory; the next call's cache is fresh); no-kernels: no torch.profiler."""
 import cProfile
 import pstats
 import sys
@@ -20,7 +21,8 @@ policy = Policy(gbs, ngb, *pct, overlap="overlap" in flags, compress_weight="com
                 compress_cache="compress-cache" in flags, cpu_cache_compute="cpu-cache-compute" in flags)
 lm = OptLM(model, env, "_DUMMY_", policy, progress=False)
 ids = np.random.default_rng(0).integers(100, 1000, size=(gbs * ngb, 512))
-lm.generate(ids, max_new_tokens=2)
+# with `prefill`, the warm-up's cache has the prefill-alone call's shape: that call reuses its host memory
+lm.generate(ids, max_new_tokens=1 if "prefill" in flags else 2)
 
 
 def hot_spots(new_tokens):

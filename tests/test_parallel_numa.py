@@ -289,11 +289,12 @@ def test_cache_memory_handed_back_is_reused_zeroed(tmp_path):
         env.close_copy_threads()
 
 
-@pytest.mark.parametrize("placement", ["cache_cpu_cpu_attn", "cache_split_cpu_attn"])
-def test_next_block_reuses_cache_memory(zoo, tmp_path, placement):
+@pytest.mark.parametrize("placement", ["cache_cpu", "cache_cpu_cpu_attn", "cache_split_cpu_attn"])
+def test_next_block_reuses_cache_memory(zoo, tmp_path, placement, device):
     """A second generate takes the CPU cache memory the first handed back (poisoned with NaN in
-    between: it must come back zeroed) and gives the same tokens."""
-    env = _env(tmp_path)
+    between: it must come back zeroed) and gives the same tokens. On a GPU the cache without CPU
+    attention is pinned memory that in-flight copies write."""
+    env = ExecutionEnv.create(str(tmp_path / "off"), device=device)
     policy = T.make_policy(placement)
     name = "opt-tiny"
     prompts = T.make_prompts(policy.block_size, 10, T.SPECS[name][1]["vocab_size"], T.pad_id_of(name))
