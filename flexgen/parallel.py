@@ -11,8 +11,9 @@ Two knobs, each a positive integer or "auto" (the default):
 The ``auto`` rule (simple on purpose). What has been measured (benchmarks/RESULTS.md, H100 host,
 16-core Xeon): CPU decode attention over 1 GB of fp16 cache runs at 26.4 ms with 14 torch threads
 and 21.4 ms with 16 (the kernel is memory-bound and scales to all cores), so the 2 cores kept for
-I/O cost ~20% of the kernel's speed when nothing is on disk, hence the first rule below; the
-end-to-end comparison of splits (OPT-30B with CPU attention) is not measured yet.
+I/O cost ~20% of the kernel's speed when nothing is on disk, hence the first rule below. End to
+end, OPT-30B with weights and cache on the CPU and CPU attention (nothing on disk): auto's 16 + 1
+ran at 25.1 tok/s, 14 + 2 at 22.9 and 8 + 2 at 19.1 (same machine, one call).
 
 * usable cores = ``len(os.sched_getaffinity(0))`` (what this process may run on, e.g. under
   taskset or a cgroup cpuset), else ``os.cpu_count()``.
