@@ -10,7 +10,6 @@ Usage: PYTHONPATH=. python3 benchmarks/gpu_memory_peak.py facebook/opt-30b 64 6 
 """
 import argparse
 import collections
-import dataclasses
 import tempfile
 
 import numpy as np
