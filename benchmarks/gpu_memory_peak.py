@@ -35,6 +35,9 @@ def where(frames):
 def peak_breakdown(snapshot, base_bytes):
     """Replay the trace: the peak of live bytes and what was live then, by source line."""
     live, total, peak, at_peak = {}, 0, 0, {}
+    actions = collections.Counter(e["action"] for trace in snapshot["device_traces"] for e in trace)
+    # a block counts until its free completes (after the streams that used it pass that point)
+    free = "free_completed" if actions["free_completed"] else "free_requested"
     for trace in snapshot["device_traces"]:
         for e in trace:
             if e["action"] == "alloc":
@@ -42,8 +45,9 @@ def peak_breakdown(snapshot, base_bytes):
                 total += e["size"]
                 if total > peak:
                     peak, at_peak = total, dict(live)
-            elif e["action"] == "free_completed" and e["addr"] in live:
+            elif e["action"] == free and e["addr"] in live:
                 total -= live.pop(e["addr"])[0]
+    print("trace:", dict(actions))
     by_line = collections.Counter()
     for size, w in at_peak.values():
         by_line[w] += size
@@ -60,6 +64,7 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen-len", type=int, default=4)
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prefill-alone call")
     a = ap.parse_args()
     cfg = get_opt_config(a.model, num_hidden_layers=a.layers)
     flags = set(a.flags)
@@ -70,7 +75,8 @@ def main():
     lm = OptLM(cfg, env, "_DUMMY_", policy, progress=False)
     ids = np.random.default_rng(0).integers(100, 1000, size=(a.gbs * a.ngb, a.prompt_len))
     lm.generate(ids, max_new_tokens=2)   # warm-up: kernels, the Triton check, staging buffers
-    for label, new in (("prefill", 1), ("prefill + decode", a.gen_len)):
+    runs = (("prefill + decode", a.gen_len),) if a.no_prefill else (("prefill", 1), ("prefill + decode", a.gen_len))
+    for label, new in runs:
         est = estimate_memory(fam, policy, a.prompt_len, new, True)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
