@@ -179,6 +179,9 @@ class BlockRunner:
             elif layer.kind == "head" and not (score and step.i == 0):
                 h = h[:, -1:]
             h = layer.forward(w, h, ctx)
+            # the closure refers to the step, which holds ctx: left set, that cycle would keep this
+            # layer's loaded cache alive until Python's cycle collector ran (GBs of GPU memory)
+            ctx.attend = None
         return h
 
     def _attender(self, cache, loaded, step, b0, b1, li, k, pending_cache):
