@@ -180,10 +180,14 @@ class ExecutionEnv:
     def _alloc_host(self, shape, dtype, pinned: bool) -> torch.Tensor:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         on_free = self.host_bytes.hold(nbytes, pinned)   # counted until the memory is freed
-        if self.numa is not None:
-            return self.numa.allocate(shape, dtype, pinned, on_free=on_free)
-        # a mapping of its own: exact size when pinned (torch rounds up to 2^k), zero-filled
-        return host_memory.empty(shape, dtype, pinned, on_free=on_free)
+        try:
+            if self.numa is not None:
+                return self.numa.allocate(shape, dtype, pinned, on_free=on_free)
+            # a mapping of its own: exact size when pinned (torch rounds up to 2^k), zero-filled
+            return host_memory.empty(shape, dtype, pinned, on_free=on_free)
+        except BaseException:
+            on_free()
+            raise
 
     def _alloc_staging(self, nbytes: int, pin: bool) -> torch.Tensor:
         return self._alloc_host((nbytes,), torch.uint8, bool(pin and self.is_cuda))

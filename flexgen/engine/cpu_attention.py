@@ -51,12 +51,12 @@ def cpu_decode_attention(q, past, n_past: int, k_new, v_new, invalid, scale: flo
     g = k_new.shape[2]
     bg = b * g
     threads = torch.get_num_threads()
-    copied = getattr(past, "elems_per_thread", None)
     if workers is None:
         workers = auto_workers(threads)
     workers = max(1, min(workers, bg))
     state = _Softmax(q.reshape(bg, heads // g, d).float() * scale, invalid.repeat_interleave(g, dim=0))
     if n_past:
+        copied = getattr(past, "elems_per_thread", None)
         if copied is None:   # views of the store cost no memory: one chunk per worker, the fewest calls
             per = -(-bg // workers)
         else:                # a multiple of `workers` chunks within CHUNK_ELEMS: threads finish together
