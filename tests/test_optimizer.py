@@ -32,7 +32,7 @@ def test_profile_quick_writes_cpu_profile(tmp_path):
     assert prof["gpu"] is None or "h2d_pinned_gib_s" in prof["gpu"]
     cpu = prof["cpu"]
     assert cpu["threads"][0] == 1 and cpu["threads"][-1] == min(os.cpu_count(), 32)
-    for key in ("matmul_gflops", "attention_gib_s", "dequant_gelem_s"):
+    for key in ("matmul_gflops", "attention_gib_s", "packed_attention_gelem_s", "dequant_gelem_s"):
         assert set(cpu[key]) == {str(t) for t in cpu["threads"]} and min(cpu[key].values()) > 0
     assert prof["disk"]["read_gib_s"] > 0 and prof["disk"]["write_gib_s"] > 0
     assert prof["seconds"] < 20
@@ -83,6 +83,21 @@ def test_cpu_attention_and_compression_change_the_prediction():
     # 4-bit weights move ~3.5x fewer bytes over PCIe: a weight-bound decode step gets faster
     comp = predict(family, Workload(512, 32), Policy(8, 3, 0, 100, 100, 0, 100, 0, compress_weight=True), _h200())
     assert comp.decode_step_s < 0.5 * 1.102
+
+
+def test_packed_cpu_attention_rate_sets_its_time():
+    """A 4-bit cache under CPU attention costs its K/V values over the profiled packed rate: C30C
+    of benchmarks/RESULTS.md (OPT-30B, 64 sequences, 4.07 G values/s in that call's profile:
+    predicted 6.37 s per decode step, measured 7.44)."""
+    family = resolve_model("facebook/opt-30b").family
+    p = Policy(32, 2, 0, 100, 0, 100, 100, 0, cpu_cache_compute=True, compress_cache=True)
+    prof = _h200()
+    prof["cpu"]["packed_attention_gelem_s"] = {"16": 4.07}
+    slow = predict(family, Workload(512, 32), p, prof).decode_step_s
+    values = 48 * 64 * 2 * 7168 * (512 + 16)     # layers x sequences x K and V x width x mean context
+    assert slow == pytest.approx(values / 4.07e9, rel=0.15)
+    prof["cpu"]["packed_attention_gelem_s"] = {"16": 8.14}
+    assert predict(family, Workload(512, 32), p, prof).decode_step_s < 0.6 * slow
 
 
 def test_search_fits_limits_and_picks_compression_when_forced():
