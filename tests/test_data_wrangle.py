@@ -338,7 +338,7 @@ def test_app_equals_transformers_greedy(reference, weight_root, tmp_path, capsys
     assert f"accuracy {expected['accuracy']:.3f}" in printed and "input+output tokens/s" in printed
 
 
-def test_sigkill_then_rerun_every_example_once(weight_root, tmp_path):
+def test_sigkill_then_rerun_every_example_once(weight_root, tmp_path, capsys):
     # Ten imputation examples (the slice's train and test rows) so that a kill lands mid-run.
     d = tmp_path / "data_imputation" / "Restaurant"
     os.makedirs(d)
@@ -348,9 +348,7 @@ def test_sigkill_then_rerun_every_example_once(weight_root, tmp_path):
     flags = ["--data_dir", str(d), "--do_test", "--k", "1", "--max_tokens", "4"] + model_flags(weight_root, tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     base = [sys.executable, "-m", "flexgen.apps.data_wrangle"]
-    ref = subprocess.run(base + flags + ["--output_dir", str(tmp_path / "ref")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    app.main(flags + ["--output_dir", str(tmp_path / "ref")])   # the uninterrupted run, in this process
     expected = sorted((tmp_path / "ref" / "trial_0.jsonl").read_text().splitlines())
     assert len(expected) == 10
 
@@ -377,5 +375,5 @@ def test_sigkill_then_rerun_every_example_once(weight_root, tmp_path):
     assert sorted(lines) == expected       # every example once, the same predictions
     assert f"this run: {10 - first} prompts" in second.stdout, second.stdout
     # A rerun with other settings into the same folder is refused.
-    third = subprocess.run(cmd + ["--k", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert third.returncode == 2 and "holds a run with other settings" in third.stderr
+    capsys.readouterr()
+    assert "holds a run with other settings (k: 1 -> 2)" in _error(capsys, cmd[3:] + ["--k", "2"])
