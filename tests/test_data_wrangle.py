@@ -177,8 +177,9 @@ def test_hard_pairs_and_validation_clusters(tmp_path, monkeypatch):
     # 0 and 1 are nearly the same with different labels and 1 was wrong: they are picked first.
     emb = [[1, 0], [0.99, 0.1], [0, 1], [0.1, 0.99]]
     assert hard_pairs(emb, ["yes", "no", "no", "no"], {1}, 2) == [0, 1]
-    assert hard_pairs(emb, ["yes", "yes", "no", "no"], {1}, 2) == [1, 3] or \
-        hard_pairs(emb, ["yes", "yes", "no", "no"], {1}, 2)[0] in (0, 1)
+    # Only pairs with 1 and a "no" qualify: (1, 3) is more similar than (1, 2).
+    assert hard_pairs(emb, ["yes", "yes", "no", "no"], {1}, 4) == [1, 3, 2]
+    assert hard_pairs(emb, ["yes", "no", "no", "no"], set(), 2) == []    # no mistakes, no pairs
 
     d = tmp_path / "entity_matching" / "structured" / "Fodors-Zagats"
     write_csv(d / "tableA.csv", ["id", "name"], [[i, f"a{i}"] for i in range(4)])

@@ -17,9 +17,8 @@ import math
 import os
 import sys
 import time
-import zlib
 
-from ...cli import add_arguments, positive_int, user_errors, wants_auto
+from ...cli import add_arguments, positive_int, user_errors
 from ...models.registry import EMBEDDED_DEFAULT
 from ..resumable import ResultsFileError, append_records, id_key, load_done, locked_output
 from .datasets import TASKS, DatasetError, read_dataset
@@ -123,10 +122,6 @@ def _check_run_config(path, config):
         json.dump(config, f, indent=1)
 
 
-def _request_seed(seed, trial, key):
-    return zlib.crc32(json.dumps([seed, trial, key]).encode()) & 0x7FFFFFFF
-
-
 def _read_trial(path, keys) -> dict:
     out = {}
     if os.path.exists(path):
@@ -188,10 +183,12 @@ def run(args, open_model=None, embed=None, log=None) -> dict:
                     e, n = too_long[0]
                     raise DatasetError(f"example {e.id}: {n} prompt tokens + {args.max_tokens} new tokens exceed the "
                                        f"model's context of {lm.info.max_seq_len} ({len(too_long)} such examples)")
+                # Sampled runs share one seed per trial so that they batch (a resumed sampled run
+                # draws its remaining examples afresh; greedy ones resume exactly).
                 sampled = args.temperature > 0
                 reqs = [GenerationRequest(p, max_new_tokens=args.max_tokens, temperature=args.temperature,
                                           stop=(args.stop_token,) if args.stop_token else (), chat=args.chat,
-                                          seed=_request_seed(args.seed, t, id_key(e.id)) if sampled else None)
+                                          seed=args.seed + t if sampled else None)
                         for e, p in todo]
 
                 def write(i, res, todo=todo, out=out, path=path):
