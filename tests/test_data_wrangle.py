@@ -314,7 +314,7 @@ def hf_completion(tok, ref, prompt, max_new):
 @pytest.mark.parametrize("data_dir, extra", [
     (FZ, ["--k", "1", "--max_tokens", "3", "--batch_run", "--pad-to-seq-len", "200"]),
     (REST, ["--sample_method", "manual", "--max_tokens", "4", "--batch_run"]),
-])
+], ids=["fodors-zagats-random-k1-padded", "restaurant-manual"])
 def test_app_equals_transformers_greedy(reference, weight_root, tmp_path, capsys, data_dir, extra):
     tok, ref = reference
     out = tmp_path / "out"
