@@ -32,7 +32,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from ..cli import add_arguments
+from ..cli import add_arguments, str2bool
 from ..models.registry import EMBEDDED_DEFAULT
 from ..requests import GenerationRequest, RequestRunner, ScoreRequest, open_model_for_requests
 
@@ -45,21 +45,31 @@ _BACKEND_OPTIONS = ("max_length", "add_bos_token", "prefix_token_id", "max_gen_t
 
 
 def flexgen_args(**model_args) -> argparse.Namespace:
-    """The shared CLI namespace with model_args applied (ModelArgsError names an unknown one)."""
+    """The shared CLI namespace with model_args applied, each converted as its flag would be
+    (ModelArgsError names an unknown or malformed one)."""
     parser = argparse.ArgumentParser(add_help=False)
     add_arguments(parser, EMBEDDED_DEFAULT, None)
+    actions = {a.dest: a for a in parser._actions}
     args = parser.parse_args([])
     if "pretrained" in model_args:          # the name lm-eval's hf backend uses
         model_args.setdefault("model", model_args.pop("pretrained"))
     for key, value in model_args.items():
         dest = key.replace("-", "_")
-        if dest not in vars(args):
-            known = ", ".join(sorted(list(vars(args)) + list(_BACKEND_OPTIONS)))
+        action = actions.get(dest)
+        if action is None:
+            known = ", ".join(sorted(list(actions) + list(_BACKEND_OPTIONS)))
             raise ModelArgsError(f"unknown flexgen model_arg {key!r}; known: {known}")
-        if dest == "percent":
-            value = ["auto"] if str(value) == "auto" else re.split(r"[:\s/]+", str(value).strip())
-        elif dest in ("gpu_batch_size", "num_gpu_batches") and value != "auto":
-            value = int(value)
+        try:
+            if isinstance(action, argparse._StoreTrueAction):
+                value = value if isinstance(value, bool) else str2bool(str(value))
+            elif action.nargs == "+":        # percent: six numbers (':' or spaces between them), or auto
+                value = re.split(r"[:\s/]+", str(value).strip())
+            elif action.type is not None:
+                value = value if isinstance(value, bool) and action.type is str2bool else action.type(str(value))
+            else:
+                value = str(value)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise ModelArgsError(f"model_arg {key}={value!r}: {e}") from None
         setattr(args, dest, value)
     return args
 
@@ -73,7 +83,7 @@ class FlexGenLM(TemplateLM):
         super().__init__()
         if "gpu_batch_size" not in model_args and batch_size not in (None, 1, "1"):
             # lm-eval's --batch_size (default 1) stands for the GPU batch when model_args do not give it
-            model_args["gpu_batch_size"] = "auto" if str(batch_size).startswith("auto") else int(batch_size)
+            model_args["gpu_batch_size"] = "auto" if str(batch_size).startswith("auto") else batch_size
         if device is not None and "device" not in model_args:
             model_args["device"] = device
         args = flexgen_args(**model_args)
