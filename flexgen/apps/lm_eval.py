@@ -23,7 +23,34 @@ def main(argv=None):
     if argv and argv[0] == "run" and not any(a in ("--model", "-M") or a.startswith("--model=") for a in argv):
         argv[1:1] = ["--model", "flexgen"]
     sys.argv = ["lm-eval"] + argv
-    main_errors(cli_evaluate, extra=(backend.ModelArgsError,))
+
+    def run():
+        if "--model" not in argv or argv[argv.index("--model") + 1:][:1] == ["flexgen"]:
+            _check_model_args(argv, backend)   # a typo fails in a second, not after lm-eval indexes its tasks
+        cli_evaluate()
+
+    main_errors(run, extra=(backend.ModelArgsError,))
+
+
+def _check_model_args(argv, backend):
+    import json
+
+    from lm_eval.utils import simple_parse_args_string
+    for flag in ("--model_args", "-a"):
+        if flag not in argv:
+            continue
+        given = {}
+        for value in argv[argv.index(flag) + 1:]:
+            if value.startswith("-"):
+                break
+            if value.lstrip().startswith("{"):
+                try:
+                    given.update(json.loads(value))
+                except ValueError:
+                    return          # lm-eval reports it
+            else:
+                given.update(simple_parse_args_string(value))
+        backend.flexgen_args(**{k: v for k, v in given.items() if k not in backend.BACKEND_OPTIONS})
 
 
 if __name__ == "__main__":

@@ -30,9 +30,10 @@ import lm_eval.models  # noqa: F401  (lm-eval registers its own backends only in
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
 from ..cli import add_arguments, str2bool
+from ..engine.generate import GenerationError
 from ..models.registry import EMBEDDED_DEFAULT
 from ..requests import GenerationRequest, RequestRunner, ScoreRequest, open_model_for_requests
 
@@ -41,7 +42,7 @@ class ModelArgsError(ValueError):
 
 
 # lm-eval's own backend options (everything else is a FlexGen flag)
-_BACKEND_OPTIONS = ("max_length", "add_bos_token", "prefix_token_id", "max_gen_toks", "progress")
+BACKEND_OPTIONS = ("max_length", "add_bos_token", "prefix_token_id", "max_gen_toks", "progress")
 
 
 def flexgen_args(**model_args) -> argparse.Namespace:
@@ -57,7 +58,7 @@ def flexgen_args(**model_args) -> argparse.Namespace:
         dest = key.replace("-", "_")
         action = actions.get(dest)
         if action is None:
-            known = ", ".join(sorted(list(actions) + list(_BACKEND_OPTIONS)))
+            known = ", ".join(sorted(list(actions) + list(BACKEND_OPTIONS)))
             raise ModelArgsError(f"unknown flexgen model_arg {key!r}; known: {known}")
         try:
             if isinstance(action, argparse._StoreTrueAction):
@@ -78,14 +79,29 @@ def flexgen_args(**model_args) -> argparse.Namespace:
 class FlexGenLM(TemplateLM):
     """lm-eval's LM interface over FlexGen's request layer (any model, policy and offloading)."""
 
-    def __init__(self, batch_size=None, max_batch_size=None, device=None, max_length=None, add_bos_token=None,
-                 prefix_token_id=None, max_gen_toks=256, progress=True, **model_args):
-        super().__init__()
-        if "gpu_batch_size" not in model_args and batch_size not in (None, 1, "1"):
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        """model_args first; lm-eval's --batch_size / --device only where they say nothing."""
+        args = dict(arg_dict)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        batch_size, device = extra.pop("batch_size", None), extra.pop("device", None)
+        extra.pop("max_batch_size", None)
+        if "gpu_batch_size" not in args and batch_size not in (None, 1, "1"):
             # lm-eval's --batch_size (default 1) stands for the GPU batch when model_args do not give it
-            model_args["gpu_batch_size"] = "auto" if str(batch_size).startswith("auto") else batch_size
-        if device is not None and "device" not in model_args:
-            model_args["device"] = device
+            args["gpu_batch_size"] = "auto" if str(batch_size).startswith("auto") else batch_size
+        if device is not None and "device" not in args:
+            # lm-eval's CLI says cuda:0 unless told: on a machine without CUDA that means "the CPU"
+            if not str(device).startswith("cuda") or torch.cuda.is_available():
+                args["device"] = device
+        return cls(**args, **extra)
+
+    def __init__(self, max_length=None, add_bos_token=None, prefix_token_id=None, max_gen_toks=256, progress=True,
+                 **model_args):
+        super().__init__()
         args = flexgen_args(**model_args)
         self.flex_args = args
         lm, env = open_model_for_requests(args, prompt_len=args.prompt_len, gen_len=args.gen_len)
@@ -120,6 +136,14 @@ class FlexGenLM(TemplateLM):
     @property
     def max_length(self) -> int:
         return int(self._max_length or self.flex_lm.info.max_seq_len)
+
+    @property
+    def _score_length(self) -> int:
+        """Tokens a scored row may see (hf: max_length). The request layer scores a row through
+        the prefill with one position kept for the engine's generated token, so a row of
+        context + continuation holds at most max_seq_len - 1 tokens: 2 fewer than hf's
+        max_length + 1 at the model's full context."""
+        return min(self.max_length, self.flex_lm.info.max_seq_len - 2)
 
     @property
     def max_gen_toks(self) -> int:
@@ -158,13 +182,13 @@ class FlexGenLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """requests: [((context, continuation) or None, context ids, continuation ids)]."""
-        scores = []
+        scores, limit = [], self._score_length
         for _, ctx, cont in requests:
-            if len(cont) > self.max_length:
-                raise ModelArgsError(f"a continuation of {len(cont)} tokens exceeds the model's context of "
-                                  f"{self.max_length} positions")
+            if len(cont) > limit:
+                raise GenerationError(f"a continuation of {len(cont)} tokens exceeds the {limit} tokens "
+                                      "this model can score at once")
             # hf's left truncation: the model sees at most max_length tokens (context + continuation[:-1])
-            whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
+            whole = (list(ctx) + list(cont))[-(limit + 1):]
             scores.append(ScoreRequest(context=whole[:len(whole) - len(cont)], continuation=list(cont)))
         results = self.runner.score(scores)
         out = []
@@ -181,7 +205,7 @@ class FlexGenLM(TemplateLM):
         owners, scores = [], []
         for i, (text,) in enumerate(req.args for req in requests):
             windows = get_rolling_token_windows(token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                                                max_seq_len=self.max_length, context_len=1)
+                                                max_seq_len=self._score_length, context_len=1)
             for ctx, pred in map(make_disjoint_window, windows):
                 owners.append(i)
                 scores.append(ScoreRequest(context=list(ctx), continuation=list(pred)))
@@ -200,7 +224,7 @@ class FlexGenLM(TemplateLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = int(kwargs.pop("max_gen_toks"))
             if max_gen >= self.max_length:
-                raise ModelArgsError(f"max_gen_toks {max_gen} must be less than the model's context of "
+                raise GenerationError(f"max_gen_toks {max_gen} must be less than the model's context of "
                                   f"{self.max_length} positions")
             sample = bool(kwargs.get("do_sample"))
             temperature = float(kwargs.get("temperature") or 0.0)
@@ -212,6 +236,8 @@ class FlexGenLM(TemplateLM):
             stops.append(until)
         out = []
         for req, until, r in zip(requests, stops, self.runner.generate(gens)):
+            if r.error is not None:
+                raise GenerationError(f"generate_until request {req.args[0][:60]!r}: {r.error}")
             text = postprocess_generated_text(r.completions[0].text, until, None)
             self.cache_hook.add_partial("generate_until", req.args, text)
             out.append(text)
@@ -229,7 +255,7 @@ class FlexGenLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         info = self.flex_lm.info
-        return {"model": self.flex_args.model, "family": info.family, "policy": str(self.flex_lm.policy)}
+        return {"model_name": self.flex_args.model, "model_family": info.family, "flexgen_policy": str(self.flex_lm.policy)}
 
 
 def _close(lm, env):
