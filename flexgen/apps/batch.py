@@ -456,17 +456,19 @@ def _append(out, records, output_path):
 
 
 def _run_openai(runner, part, model_name, seed, summary) -> list[dict]:
-    """Output lines of a chunk of OpenAI requests, run together by the request layer. A sampled
-    request without a seed gets one from --seed and its custom_id, so a resumed run draws what
-    the uninterrupted run would have."""
-    gens = []
-    for r in part:
-        g = r.generation_request()
+    """Output lines of a chunk of OpenAI requests (same parameters), run together by the request
+    layer. Sampled requests without a seed share one from --seed and the chunk's custom_ids (so
+    they share blocks, and a resumed run draws what the uninterrupted run would have)."""
+    gens = [r.generation_request() for r in part]
+    shared = chunk_seed(seed, [r.custom_id for r in part])
+    for g in gens:
         if g.seed is None and g.temperature > 0:
-            g.seed = chunk_seed(seed, [r.custom_id])
-        gens.append(g)
+            g.seed = shared
     lines = []
     for r, res in zip(part, runner.generate(gens)):
+        if res.error is not None:
+            lines.append(error_line(r, OpenAIRequestError(res.error, "messages" if r.chat else "prompt")))
+            continue
         lines.append(response_line(r, res, model_name))
         summary["prompt_tokens"] += res.prompt_len
         summary["generated_tokens"] += res.completion_tokens

@@ -90,6 +90,10 @@ class OpenAIRequest:
         return json.dumps(self.id)
 
     @property
+    def max_new_tokens(self) -> int:
+        return self.max_tokens
+
+    @property
     def chat(self) -> bool:
         return self.url == CHAT_URL
 
