@@ -135,6 +135,8 @@ def test_chat_completion_errors_n_and_logprobs(lm, tmp_path):
         "{this is not json",
         chat("bad-temperature", "Hi", temperature=5),
         chat("bad-penalty", "Hi", frequency_penalty=1.0),
+        chat("harmless-fields", "Hi", max_tokens=2, temperature=0, user="u1", logit_bias={}, stream=False,
+             response_format={"type": "text"}, metadata={"k": "v"}),
         {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
         chat("too-long", "Once upon a time " * 10, max_tokens=60),
         {"method": "POST", "url": CHAT_URL, "body": {}},                      # no custom_id: cannot answer
@@ -144,7 +146,7 @@ def test_chat_completion_errors_n_and_logprobs(lm, tmp_path):
     ]
     write_jsonl(tmp_path / "in.jsonl", rows)
     requests, problems = batch.read_requests(tmp_path / "in.jsonl", 8)
-    assert [n for n, _ in problems] == [4, 9]
+    assert [n for n, _ in problems] == [4, 10]
     summary = batch.run_batch(lm, requests, tmp_path / "out.jsonl", progress=False, seed=1)
     lines = read_lines(tmp_path / "out.jsonl")
     urls = {r["custom_id"]: r["url"] for r in rows if isinstance(r, dict) and "custom_id" in r}
@@ -154,6 +156,7 @@ def test_chat_completion_errors_n_and_logprobs(lm, tmp_path):
     assert sorted(summary["refused"]) == ["bad-penalty", "bad-temperature", "bad-url", "too-long"]
     assert bodies["bad-temperature"]["param"] == "temperature"
     assert bodies["bad-penalty"]["param"] == "frequency_penalty"
+    assert bodies["harmless-fields"]["usage"]["completion_tokens"] >= 1
     assert bodies["too-long"]["code"] == "context_length_exceeded"
 
     # the chat template is applied, and the answer is the request layer's greedy answer
@@ -171,7 +174,7 @@ def test_chat_completion_errors_n_and_logprobs(lm, tmp_path):
     # n sampled choices: different, and the same again for the same seed
     choices = [c["message"]["content"] for c in bodies["n-seeded"]["choices"]]
     assert len(choices) == 3 and len(set(choices)) > 1, choices
-    write_jsonl(tmp_path / "again.jsonl", [rows[9]])
+    write_jsonl(tmp_path / "again.jsonl", [r for r in rows if isinstance(r, dict) and r.get("custom_id") == "n-seeded"])
     batch.run_batch(lm, batch.read_requests(tmp_path / "again.jsonl", 8)[0], tmp_path / "again_out.jsonl",
                     progress=False, seed=99)
     again = read_lines(tmp_path / "again_out.jsonl")[0]["response"]["body"]
@@ -186,7 +189,9 @@ def test_chat_completion_errors_n_and_logprobs(lm, tmp_path):
                                                                            abs_tol=1e-5)
     lp = bodies["cmpl-logprobs"]["choices"][0]["logprobs"]
     assert lp["text_offset"][0] == len("One, two,")
-    assert all(len(d) >= 1 for d in lp["top_logprobs"])
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert 1 <= len(top) <= 3 and top[token] == logprob        # the 2 best and the chosen token
+        assert max(top.values()) == logprob                        # greedy: the chosen one is the best
     assert bodies["chat-greedy"]["choices"][0]["logprobs"] is None
 
 

@@ -159,7 +159,7 @@ def _parse_body(obj, cid, default_max_tokens, line) -> OpenAIRequest:
         raise OpenAIRequestError('"body" must be an object', "body")
     for name, harmless in _UNSUPPORTED.items():
         v = body.get(name)
-        if v is not None and v != harmless and v not in _HARMLESS.get(name, []):
+        if v not in (None, {}, [], harmless) and v not in _HARMLESS.get(name, []):
             raise OpenAIRequestError(f'"{name}" is not supported by this server', name)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
@@ -238,20 +238,19 @@ def _chat_logprobs(tokens):
                         for t in tokens], "refusal": None}
 
 
-def _completion_logprobs(tokens, offset: int, want_top: bool):
-    texts, offsets = [], []
+def _completion_logprobs(tokens, offset: int):
+    """The completions endpoint's shape. top_logprobs: per token, the `logprobs` best alternatives
+    and the chosen token itself (so up to logprobs + 1 entries, as the API documents)."""
+    texts, offsets, top = [], [], []
     for t in tokens:
         offsets.append(offset)
         texts.append(t.text)
         offset += len(t.text)
-    top = None
-    if want_top:
-        top = []
-        for t in tokens:
-            d = {}
-            for _, s, l in t.top:
-                d.setdefault(s, _finite(l))   # two ids can decode to one string: keep the better
-            top.append(d)
+        d = {}
+        for _, s, l in t.top:
+            d.setdefault(s, _finite(l))   # two ids can decode to one string: keep the better
+        d.setdefault(t.text, _finite(t.logprob))
+        top.append(d)
     return {"tokens": texts, "token_logprobs": [_finite(t.logprob) for t in tokens], "top_logprobs": top,
             "text_offset": offsets}
 
@@ -270,8 +269,7 @@ def response_line(req: OpenAIRequest, result, model_name: str, created: int | No
         else:
             prompt_chars = len(req.prompt) if isinstance(req.prompt, str) else 0
             choices.append({"text": c.text, "index": i,
-                            "logprobs": None if tokens is None else _completion_logprobs(
-                                tokens, prompt_chars, req.top_logprobs > 0),
+                            "logprobs": None if tokens is None else _completion_logprobs(tokens, prompt_chars),
                             "finish_reason": c.finish_reason})
     usage = {"prompt_tokens": result.prompt_len, "completion_tokens": result.completion_tokens,
              "total_tokens": result.prompt_len + result.completion_tokens}
