@@ -266,3 +266,25 @@ def test_smollm2_metrics_equal_hf(smollm2_hf, task_manager, tmp_path):
         assert any(s["filtered_resps"][0].strip() for s in ours["samples"]["flexgen_tiny_gen"])
     finally:
         ours_lm.close()
+
+
+@pytest.mark.parametrize("extra", [{"percent": "auto", "prompt_len": 32, "gen_len": 8},
+                                   {"compress_weight": "True", "compress_cache": True, "comp_weight_group": 32}],
+                         ids=["percent_auto", "compressed"])
+def test_any_policy(extra, checkpoints, tmp_path):
+    """--percent auto (the policy chosen for the workload shape) and 4-bit compression run every
+    request kind; compressed numbers differ from hf's, so only their sanity is checked."""
+    from flexgen.integrations.lm_eval import FlexGenLM
+    args = flexgen_args(checkpoints("llama-tiny-gqa"), tmp_path)
+    args.update(extra)
+    lm = FlexGenLM(**args)
+    try:
+        ll = lm.loglikelihood(_instances([("loglikelihood", ("Paris is", " the capital")),
+                                          ("loglikelihood", ("", "Paris"))]))
+        assert all(math.isfinite(x) and x < 0 and isinstance(g, bool) for x, g in ll)
+        (rolled,) = lm.loglikelihood_rolling(_instances([("loglikelihood_rolling", ("Paris is the capital. " * 8,))]))
+        assert math.isfinite(rolled) and rolled < 0
+        (text,) = lm.generate_until(_instances([("generate_until", ("Paris is", {"until": ["\n"], "max_gen_toks": 4}))]))
+        assert isinstance(text, str)
+    finally:
+        lm.close()
