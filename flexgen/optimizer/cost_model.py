@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..memory.placement import TIERS, assign_by_size, split_counts
+from ..models.base import packs
 from ..policy import Policy
 from .memory_model import MemoryEstimate, _layers, _packed_bytes, estimate_memory
 
@@ -142,7 +143,7 @@ def _weight_table(family, pct, compress, itemsize, cfg):
         stage = deq = read = flops = 0
         sizes = [math.prod(w.shape) for w in layer.weights]
         for spec, size, tier in zip(layer.weights, sizes, assign_by_size(sizes, pct)):
-            packed = compress and len(spec.shape) >= 2 and layer.kind in ("attention", "mlp")
+            packed = compress and packs(layer, spec)
             nbytes = _packed_bytes(spec.shape, cfg) if packed else size * itemsize
             tier_b[tier] += nbytes
             move[tier] += nbytes

@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass
 
 from ..memory.placement import TIERS, assign_by_size, split_counts
+from ..models.base import packs
 from ..policy import Policy, PolicyError
 
 GiB = 1 << 30
@@ -99,7 +100,7 @@ def estimate_memory(family, policy: Policy, prompt_len: int, gen_len: int, is_cu
         sizes = [math.prod(w.shape) for w in layer.weights]
         layer_bytes = 0
         for spec, tier in zip(layer.weights, assign_by_size(sizes, w_pct)):
-            packed = policy.compress_weight and len(spec.shape) >= 2 and layer.kind in ("attention", "mlp")
+            packed = policy.compress_weight and packs(layer, spec)
             nbytes = _packed_bytes(spec.shape, policy.comp_weight_config) if packed else \
                 math.prod(spec.shape) * itemsize
             add(tier, nbytes)
