@@ -182,3 +182,27 @@ def test_unusable_moe_config_is_a_user_error(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelNotFound, match="num_experts_per_tok"):
         resolve_model(str(d))
+
+
+def test_vectorised_memory_matches_estimate_memory_for_moe():
+    """The search's vectorised accounting is estimate_memory's, experts and MoE working set included."""
+    from flexgen.optimizer.cost_model import Grid, evaluate
+    family = resolve_model("mistralai/Mixtral-8x7B-v0.1").family
+    for pol in (Policy(16, 4, 0, 100, 100, 0, 100, 0, compress_weight=True),
+                Policy(8, 2, 20, 50, 50, 50, 0, 100, compress_cache=True, cpu_cache_compute=True),
+                Policy(1, 1, 10, 10, 0, 0, 100, 0)):
+        for cuda in (True, False):
+            est = estimate_memory(family, pol, 512, 32, cuda)
+            got = evaluate(family, Grid.of_policy(pol), Workload(512, 32), DEFAULT_PROFILE, cuda, memory_only=True)
+            for k in ("gpu", "pinned", "pageable", "disk"):
+                assert got[k][0] == pytest.approx(getattr(est, k), rel=1e-9, abs=1), (pol, cuda, k)
+
+
+def test_moe_working_set_covers_one_expert_taking_every_token():
+    """The prefill working set of a MoE layer: top-k gathered copies and one expert's
+    up-projection over the whole GPU batch (more than a dense layer of the same width)."""
+    from flexgen.optimizer.memory_model import intermediate_elems
+    family = resolve_model("mistralai/Mixtral-8x7B-v0.1").family
+    assert intermediate_elems(family.layers(), 4096) == 4096 * (3 + 2 * 2) + 2 * 14336 * 3 // 2
+    dense = resolve_model("mistralai/Mistral-7B-v0.3").family
+    assert intermediate_elems(dense.layers(), 4096) == 4 * 14336

@@ -61,6 +61,7 @@ class LayerSpec:
     forward: Callable                   # forward(w: dict, h, ctx) -> tensor
     kv_heads: int = 0                   # attention layers: heads in the KV cache
     head_dim: int = 0
+    top_k: int = 0                      # moe layers: the experts each token is routed to
 
 
 @dataclass

@@ -72,7 +72,7 @@ class MixtralFamily(LlamaFamily):
             weights.append(stacked(f"experts.{e}.gate_up", [f"{ex}.w1.weight", f"{ex}.w3.weight"], (inter, inter),
                                    (h,), share=share))
             weights.append(WeightSpec(f"experts.{e}.down", f"{ex}.w2.weight", (h, inter), share=share))
-        return LayerSpec("moe", weights, self.moe)
+        return LayerSpec("moe", weights, self.moe, top_k=c.num_experts_per_tok)
 
     def moe(self, w, h, ctx):
         c = self.config

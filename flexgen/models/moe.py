@@ -37,6 +37,8 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
         if n:
             ys[start:start + n] = expert_fn(e, xs[start:start + n])
             start += n
-    # weights are float32: the product is too, then cast (transformers' order of roundings)
-    ys = (ys * weights.reshape(-1).index_select(0, order)[:, None]).to(x.dtype)
+    del xs
+    # in place (prefill blocks are large); exactly transformers' product in float32, and within
+    # one rounding of it in fp16, where it multiplies by the float32 weight and then rounds
+    ys.mul_(weights.reshape(-1).index_select(0, order).to(ys.dtype)[:, None])
     return torch.zeros_like(x).index_add_(0, rows, ys)

@@ -16,7 +16,7 @@ import numpy as np
 from ..memory.placement import TIERS, assign_by_size, split_counts
 from ..models.base import packs
 from ..policy import Policy
-from .memory_model import MemoryEstimate, _layers, _packed_bytes, estimate_memory
+from .memory_model import MemoryEstimate, _layers, _packed_bytes, estimate_memory, intermediate_elems
 
 GiB = 1 << 30
 
@@ -305,14 +305,13 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                 act_n[m] = split_counts(int(g), (ag, ac, 100 - ag - ac))
     for t in range(3):
         add(t, ngb * P * H * itemsize * act_n[:, t], staged)
-    widest = max((max(w.shape) for l in _layers(family) for w in l.weights if len(w.shape) == 2), default=0)
     c_gpu = np.array([c[0] for c in grid.c_opts])[grid.ci]
     c_disk = np.array([100 - sum(c) for c in grid.c_opts])[grid.ci]
     w_disk = np.array([100 - sum(w) for w in grid.w_opts])[grid.wi]
     a_disk = np.array([100 - sum(a) for a in grid.a_opts])[grid.ai]
     one_cache = one_cache_1 * gbs
     work = 2 * stage_max + np.where(c_gpu < 100, 2 * one_cache, 0.0)
-    work += 4 * gbs * P * max(widest // 4, H) * itemsize + gbs * V * 4 * 2
+    work += gbs * P * intermediate_elems(_layers(family), H) * itemsize + gbs * V * 4 * 2
     add(0, work)
     if is_cuda:
         mem["pinned"] += np.where((c_disk > 0) | (w_disk > 0) | (a_disk > 0),
