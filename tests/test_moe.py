@@ -206,3 +206,22 @@ def test_moe_working_set_covers_one_expert_taking_every_token():
     assert intermediate_elems(family.layers(), 4096) == 4096 * (3 + 2 * 2) + 2 * 14336 * 3 // 2
     dense = resolve_model("mistralai/Mistral-7B-v0.3").family
     assert intermediate_elems(dense.layers(), 4096) == 4 * max(32768 // 4, 4096)   # the dense rule (vocab widest)
+
+
+@pytest.mark.parametrize("name", ["opt-tiny", "mixtral-tiny"])
+def test_family_neutral_entry_point(zoo, tmp_path, capsys, name):
+    """python3 -m flexgen.flex_model picks flex_opt or flex_llama from the checkpoint itself."""
+    from flexgen.flex_model import main
+    main(["--model", zoo.checkpoint(name), "--path", str(tmp_path / "w"), "--offload-dir", str(tmp_path / "off"),
+          "--prompt-len", "8", "--gen-len", "3", "--gpu-batch-size", "2", "--device", "cpu", "--no-log",
+          "--verbose", "1"])
+    out = capsys.readouterr().out
+    assert ("<OptLM>" if name.startswith("opt") else "<LlamaLM>") in out and "total throughput" in out
+
+
+def test_family_neutral_entry_point_unknown_model(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "flexgen.flex_model", "--model", "no-such-model"], capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown model 'no-such-model'"), r.stderr
