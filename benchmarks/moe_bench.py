@@ -171,6 +171,7 @@ def part_hf(a):
            "--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len),
            "--hf-batch", str(a.hf_batch), "--hf-budget", str(a.hf_budget), "--cpu-mem", str(a.cpu_mem),
            "--gpu-cap", str(a.gpu_cap), "--hf-model", a.hf_model, "--hf-device", a.hf_device]
+    cmd += ["--hf-experts", a.hf_experts] if a.hf_experts else []
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
     try:
@@ -245,7 +246,16 @@ def hf_child(a):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     B = a.hf_batch
     ids = torch.randint(100, cfg.vocab_size, (B, a.prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
+    if a.hf_experts:
+        model.set_experts_implementation(a.hf_experts)
     with torch.no_grad():
+        try:   # a short warm-up, which also checks transformers' default expert kernels run here
+            model(input_ids=ids[:, :8], use_cache=False, logits_to_keep=1)
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            print(f"experts implementation {model.config._experts_implementation!r} failed ({e}); using eager",
+                  flush=True)
+            model.set_experts_implementation("eager")
+        print(f"experts implementation: {model.config._experts_implementation}", flush=True)
         sync()
         t = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -269,7 +279,8 @@ def hf_child(a):
     res = {"prefill latency": prefill, "decode latency": decode, "decode steps measured": len(steps),
            "projected": len(steps) < GEN - 1, "total throughput": B * GEN / (prefill + decode),
            "decode throughput": B * (GEN - 1) / decode, "peak gpu mem": peak, "block": B,
-           "policy": f"device_map=auto max_memory {max_memory}",
+           "policy": f"device_map=auto, max_memory GPU {a.hf_gpu_mem:g} GiB (hard cap {a.gpu_cap:g}), "
+                     f"experts {model.config._experts_implementation}",
            "gpu_weight_gib": sum(v for k, v in on.items() if k != "cpu") / GiB,
            "cpu_weight_gib": on.get("cpu", 0) / GiB, "build_s": build_s}
     print("HF_RESULT " + json.dumps(res), flush=True)
@@ -310,6 +321,7 @@ def main():
     ap.add_argument("--hf-gpu-mem", type=float, default=20.0, help="accelerate's max_memory for the GPU, GiB")
     ap.add_argument("--hf-batch", type=int, default=8)
     ap.add_argument("--hf-budget", type=float, default=200.0, help="seconds of HF decode before projecting")
+    ap.add_argument("--hf-experts", help="transformers' experts implementation (default: its own choice)")
     ap.add_argument("--hf-device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test of the HF path")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()

@@ -141,3 +141,24 @@ def test_stop_token(run_fidelity, name):
         end = free.shape[1] if len(hits) == 0 else 10 + hits[0] + 1
         np.testing.assert_array_equal(stopped[r, :end], free[r, :end])
         assert (stopped[r, end:] == T.pad_id_of(name)).all()
+
+
+@pytest.mark.parametrize("name", ["mistral-tiny-swa", "mixtral-tiny-swa"])
+def test_window_with_4bit_cache_same_tokens_in_every_placement(open_lm, name):
+    """A 4-bit KV cache with a sliding window: packed on the device, over PCIe, on disk and read by
+    CPU attention in place, every placement gives the same tokens."""
+    from flexgen.policy import CompressionConfig
+    prompts = T.make_prompts(6, 12, 320, T.pad_id_of(name), seed=5)
+    outs = {}
+    for placement in ["all_compute", "cache_disk", "mixed_ngb3", "cache_split_cpu_attn",
+                      "cache_cpu_disk_cpu_attn_ngb3"]:
+        policy = T.make_policy(placement, compress_cache=True, comp_cache_config=CompressionConfig(4, 8, 2, False))
+        with open_lm(name, policy) as lm:
+            outs[placement] = lm.generate(prompts, max_new_tokens=10)
+    base = outs["all_compute"]
+    assert T.distinct_generated(base, 12) >= 3
+    for placement, out in outs.items():
+        if DEVICE_TYPE == "cuda" and "cpu_attn" in placement:
+            assert (out[:, 12:] == base[:, 12:]).mean() >= 0.9, placement
+        else:
+            np.testing.assert_array_equal(out, base, err_msg=placement)
