@@ -319,7 +319,7 @@ def main():
     ap.add_argument("--bandwidth", type=float, help="pinned host->device GiB/s instead of measuring it")
     ap.add_argument("--hf-model", default=MIXTRAL)
     ap.add_argument("--hf-gpu-mem", type=float, default=20.0, help="accelerate's max_memory for the GPU, GiB")
-    ap.add_argument("--hf-batch", type=int, default=8)
+    ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--hf-budget", type=float, default=200.0, help="seconds of HF decode before projecting")
     ap.add_argument("--hf-experts", help="transformers' experts implementation (default: its own choice)")
     ap.add_argument("--hf-device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test of the HF path")

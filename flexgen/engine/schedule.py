@@ -13,8 +13,7 @@ import time
 import numpy as np
 import torch
 
-from ..models.base import StepContext
-from ..models.base import FEED_FORWARD_KINDS
+from ..models.base import FEED_FORWARD_KINDS, StepContext
 from ..memory.placement import TieredBuffer, unpacked
 from .attention import attend as attention_core, in_window
 from .cpu_attention import cpu_decode_attention, packed_chunks, row_chunks
