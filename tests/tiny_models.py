@@ -70,6 +70,10 @@ SPECS = {
                                           max_position_embeddings=64, initializer_range=0.2,
                                           tie_word_embeddings=True, use_sliding_window=True, sliding_window=5,
                                           max_window_layers=1)),
+    # Qwen2 with SmolLM2's vocabulary (49152), for a real tokenizer and its ChatML chat template
+    "qwen2-tiny-chat": ("qwen2", dict(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      initializer_range=0.2, tie_word_embeddings=True, eos_token_id=2)),
     # Mistral with a sliding window (4) shorter than the tests' prompts (10)
     "mistral-tiny-swa": ("mistral", dict(vocab_size=320, hidden_size=64, intermediate_size=112,
                                          num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
