@@ -93,8 +93,6 @@ SPECS = {
 
 OPT_MODELS = [n for n, (f, _) in SPECS.items() if f == "opt"]
 LLAMA_MODELS = [n for n, (f, _) in SPECS.items() if f == "llama"]
-# the architectures run as LLaMA variants (flex_llama), by family
-VARIANT_MODELS = {f: [n for n, (g, _) in SPECS.items() if g == f] for f in ("qwen2", "mistral", "mixtral")}
 # per-expert router biases (through a constant feature, see _skew_router): a few popular
 # experts, a few rarely chosen
 ROUTER_BIAS = (2.0, 1.0, 0.4, 0.0, -1.0, -2.0)
