@@ -83,9 +83,9 @@ def flexgen_args(model, tmp_path, percent="100:0:100:0:100:0", **extra):
     return {k: v for k, v in args.items() if v is not None}
 
 
-# The request layer scores a row with one position kept for the engine's generated token, so a
-# tiny model (64 positions) scores rows of up to 63 tokens: hf's max_length 62 is the same window.
-SCORE_LENGTH = 62
+# The tiny models' whole context (64 positions): texts longer than it are scored in windows, the
+# same windows on both backends.
+SCORE_LENGTH = 64
 
 
 def hf_args(d) -> str:

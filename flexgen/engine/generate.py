@@ -150,14 +150,17 @@ class LM:
         return np.concatenate([r.logprobs for r in results])
 
     def run_rows(self, ids, mask, steps: int, params: SamplingParams, stop=None, logprobs: bool = False,
-                 top_logprobs: int = 0, score: bool = False) -> BlockResult:
+                 top_logprobs: int = 0, score: bool = False, forced=None) -> BlockResult:
         """The request layer's entry: left-padded rows with their mask, `steps` tokens each, with
         whatever the rows need recorded (generated-token logprobs, top-k alternatives, prompt
-        scores). One BlockResult for all rows (run in blocks of the policy)."""
-        ids = self._check_inputs(ids, steps)
+        scores); forced: (rows, steps) tokens to feed instead of sampling. One BlockResult for all
+        rows (run in blocks of the policy). The last token is never fed back, so rows may fill
+        the context up to its last position."""
+        ids = self._check_inputs(ids, steps, positions=steps - 1)
         mask = self._prompt_mask(ids, mask)
         sampler = Sampler(params, self.env.device)
         results = self._run_blocks(ids, mask, steps, sampler, self._stop_ids(stop), None,
+                                   forced=None if forced is None else np.asarray(forced, dtype=np.int64),
                                    want_logprobs=logprobs, top_logprobs=top_logprobs, score=score)
         return BlockResult(**{name: np.concatenate([getattr(r, name) for r in results])
                               for name in BlockResult.FIELDS if getattr(results[0], name) is not None})
@@ -200,7 +203,8 @@ class LM:
             return ids != self.info.pad_token_id
         return np.asarray(attention_mask, dtype=bool).reshape(ids.shape)
 
-    def _check_inputs(self, inputs, max_new_tokens) -> np.ndarray:
+    def _check_inputs(self, inputs, max_new_tokens, positions=None) -> np.ndarray:
+        """positions: how many positions past the prompt are fed (default: max_new_tokens)."""
         try:
             ids = np.asarray(inputs, dtype=np.int64)
         except (ValueError, TypeError) as e:
@@ -213,7 +217,7 @@ class LM:
             raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
         if ids.min() < 0 or ids.max() >= self.info.vocab_size:
             raise GenerationError(f"token ids must be in [0, {self.info.vocab_size})")
-        total = ids.shape[1] + max_new_tokens
+        total = ids.shape[1] + (max_new_tokens if positions is None else positions)
         if total > self.info.max_seq_len:
             raise GenerationError(f"prompt length {ids.shape[1]} + {max_new_tokens} new tokens = {total} exceeds "
                                   f"the model's context of {self.info.max_seq_len} positions")

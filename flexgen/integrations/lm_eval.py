@@ -139,11 +139,9 @@ class FlexGenLM(TemplateLM):
 
     @property
     def _score_length(self) -> int:
-        """Tokens a scored row may see (hf: max_length). The request layer scores a row through
-        the prefill with one position kept for the engine's generated token, so a row of
-        context + continuation holds at most max_seq_len - 1 tokens: 2 fewer than hf's
-        max_length + 1 at the model's full context."""
-        return min(self.max_length, self.flex_lm.info.max_seq_len - 2)
+        """Tokens a scored row may see (hf: max_length): the request layer feeds a row of
+        max_length + 1 tokens but its last, as hf does."""
+        return min(self.max_length, self.flex_lm.info.max_seq_len)
 
     @property
     def max_gen_toks(self) -> int:
