@@ -10,6 +10,7 @@ benchmark block for the whole pipeline, and every rank's memory peaks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import socket
@@ -106,7 +107,7 @@ def run_main(args, lm_class, log_prefix) -> int:
         return _run(args, lm_class, log_prefix, launch, guard, *setup)
     except user_errors as e:
         msg = str(e)
-        guard.fail(msg if msg.startswith(f"rank {launch.rank}") else f"rank {launch.rank}: {msg}")
+        guard.fail(msg if msg.startswith("rank ") else f"rank {launch.rank}: {msg}")
     except Exception as e:   # a bug: say where, and still end every rank
         traceback.print_exc()
         guard.fail(f"rank {launch.rank}: internal error: {type(e).__name__}: {e}")
@@ -163,6 +164,9 @@ def _run(args, lm_class, log_prefix, launch, guard, family, policy):
         facts = comm.all_gather_objects((socket.gethostname(), str(env.device)))
         same_host = [r for r, f in enumerate(facts) if f[0] == facts[rank][0]]
         same_dev = [r for r in same_host if facts[r][1] == facts[rank][1]]
+        if len(same_host) > 1 and (env.threads.cpu_auto or env.threads.io_auto):
+            # the ranks of one machine share its cores
+            env.threads = dataclasses.replace(env.threads, cores=max(1, env.threads.cores // len(same_host)))
         if comm.backend == "nccl" and len(same_dev) > 1:
             raise DistError(f"ranks {' and '.join(map(str, same_dev))} share {env.device}: NCCL cannot connect "
                             f"two ranks on one GPU; use --comm-device cpu")
@@ -189,9 +193,9 @@ def _run(args, lm_class, log_prefix, launch, guard, family, policy):
                   f"{', async' if args.async_comm else ''}")
             if note:
                 print(f"note: {note}")
-        _prepare_weight_cache(args, lm_class, comm, rank)
         model = PipelineLM(lm_class, args.model, env, args.path, policy, comm, num_inner_iterations=M,
-                           async_comm=args.async_comm, progress=verbose >= 1)
+                           async_comm=args.async_comm, progress=verbose >= 1,
+                           load_timeout_s=args.load_timeout)
         comm.barrier("weights loaded", args.load_timeout)
         described = comm.gather_objects(f"{env.device}, {env.describe_parallel()}, host memory held after "
                                         f"loading weights: {env.host_bytes.describe()}")
@@ -245,22 +249,6 @@ def _auto_policy(args, stage_family, share, env, comm, rank):
     if rank == 0 and args.verbose:
         print("auto policy per rank:\n  " + "\n  ".join(lines))
     return p
-
-
-def _prepare_weight_cache(args, lm_class, comm, rank):
-    """Rank 0 converts a checkpoint to the weight cache (once, for every rank) before the others
-    read it."""
-    from ..engine.generate import DUMMY_MARK
-    if args.path is not None and DUMMY_MARK in str(args.path):
-        return
-    if rank == 0:
-        probe = lm_class.__new__(lm_class)
-        from ..models.registry import resolve_model
-        resolved = resolve_model(args.model, lm_class.family_name)
-        probe.name, probe._resolved = resolved.name, resolved
-        probe.layers = resolved.family.layers()
-        probe._prepare_weight_cache(args.path)
-    comm.barrier("weight cache ready", args.load_timeout)
 
 
 def _generate(args, model, env, policy, M, verbose):

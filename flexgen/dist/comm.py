@@ -201,21 +201,24 @@ class Guard:
 
     # ---- the thread ----------------------------------------------------------------------------------
     def _loop(self):
-        beat, last_beat = 0, 0.0
+        beat, last_beat, published = 0, 0.0, None
         while not self._stop.wait(0.2):
             self._check_signal()
             now = time.monotonic()
             w = self._waiting
             if w is not None and now - w[0] > w[3] + 2:
-                since, what, peer, limit = w
-                src = f" from rank {peer}" if peer is not None else ""
-                self.fail(f"rank {self.rank}: no {what}{src} within {limit:g} s: "
-                          f"{'it' if peer is not None else 'a peer'} is hung or stopped (--comm-timeout)")
+                self.fail(self.timeout_message(w[2], w[1], w[3]))
             if self.store is None:
                 continue
             try:
                 if self.store.check([ABORT_KEY]):
                     self.fail("", quiet=True)
+                # a wait longer than a second is published, so that a rank that times out can
+                # follow the chain of waits to the rank that is really stuck
+                peer = w[2] if w is not None and now - w[0] > 1.0 and w[2] is not None else None
+                if peer != published:
+                    self.store.set(f"flexgen/waits/{self.rank}", "" if peer is None else str(peer))
+                    published = peer
                 if now - last_beat >= 1.0:
                     beat += 1
                     last_beat = now
@@ -225,6 +228,26 @@ class Guard:
                 if self._stop.is_set():
                     return
                 self.fail(f"rank {self.rank}: lost the rendezvous store (rank 0 or the launcher ended): {_short(e)}")
+
+    def timeout_message(self, peer, what, limit) -> str:
+        """Nothing came from `peer` within the limit: name the rank at the end of the chain of
+        waits (peer may itself be waiting for a stuck rank further up the pipeline)."""
+        if peer is None:
+            return f"rank {self.rank}: no {what} within {limit:g} s (a peer is hung or stopped; see --comm-timeout)"
+        chain, k = [peer], peer
+        try:
+            while self.store is not None and len(chain) <= self.world_size:
+                key = f"flexgen/waits/{k}"
+                nxt = self.store.get(key).decode() if self.store.check([key]) else ""
+                if not nxt or int(nxt) in chain or int(nxt) == self.rank:
+                    break
+                k = int(nxt)
+                chain.append(k)
+        except Exception:
+            pass
+        via = f" (rank {self.rank} waits for {' <- '.join(f'rank {c}' for c in chain)})" if len(chain) > 1 else ""
+        return (f"rank {chain[-1]} is hung or stopped: rank {self.rank} got no {what} within {limit:g} s"
+                f"{via}; see --comm-timeout")
 
     def _check_beats(self, now):
         for r in range(self.world_size):
@@ -266,6 +289,7 @@ class Comm:
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
         self._local = deque()
         self._sends = []
+        self._barriers = 0
         self.data_group = None
         self.ctrl_group = None
         self.launch = launch
@@ -333,7 +357,8 @@ class Comm:
         keeps watching heartbeats while we wait)."""
         if not self.launch.distributed:
             return
-        key = f"flexgen/barrier/{what}"
+        self._barriers += 1   # every rank passes the same barriers in the same order
+        key = f"flexgen/barrier/{self._barriers}/{what}"
         self.store.add(key, 1)
         t0 = time.monotonic()
         with self.guard.waiting(f"arrival of every rank at '{what}'", None, timeout_s):
@@ -384,7 +409,11 @@ class _Recv:
                 try:
                     self.work.wait()
                 except Exception as e:
+                    cause = _short(e)
+                    if cause.startswith("timed out"):
+                        raise DistError(self.comm.guard.timeout_message(self.src, self.what,
+                                                                        self.comm.timeout_s)) from e
                     raise DistError(f"rank {self.comm.rank}: lost rank {self.src} while waiting for "
-                                    f"{self.what}: {_short(e)}") from e
+                                    f"{self.what}: {cause}") from e
             self.work = None
         return self.buf

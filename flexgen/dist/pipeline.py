@@ -38,7 +38,7 @@ class PipelineLM:
     arguments; rank 0 gets the token ids, the others None."""
 
     def __init__(self, lm_class, model, env, path, policy, comm, num_inner_iterations: int | None = None,
-                 async_comm: bool = False, progress: bool = True, build_lm: bool = True):
+                 async_comm: bool = False, progress: bool = True, load_timeout_s: float = 3600.0):
         self.comm, self.policy, self.env = comm, policy, env
         family = resolve_model(model, lm_class.family_name).family
         all_layers = family.layers()
@@ -50,8 +50,11 @@ class PipelineLM:
         self.async_comm = async_comm
         self.timings = {"prefill": [], "decode": []}
         self.wait_s = 0.0
-        self.lm = lm_class(model, env, path, policy, progress=progress, layer_range=self.layer_range) \
-            if build_lm else None
+        # rank 0 converts a checkpoint into the weight cache (once) before any rank reads it
+        if comm.rank == 0:
+            lm_class.prepare_weight_cache(model, path)
+        comm.barrier("weight cache ready", load_timeout_s)
+        self.lm = lm_class(model, env, path, policy, progress=progress, layer_range=self.layer_range)
 
     @property
     def info(self):
@@ -140,10 +143,10 @@ class PipelineLM:
                 """Receives for item q: (tokens) on stage 0, (header, hidden) elsewhere."""
                 i, m = order[q]
                 if first:
-                    return [comm.irecv((2, B), torch.long, N - 1, f"the tokens of step {i - 1}")] if i > 0 else []
+                    return [comm.irecv((2, B), torch.long, N - 1, f"tokens of step {i - 1}")] if i > 0 else []
                 seq = s0 if i == 0 else 1
-                return [comm.irecv((2, B), torch.long, prev, f"the header of step {i}"),
-                        comm.irecv((B, seq, H), dtype, prev, f"the hidden states of step {i}")]
+                return [comm.irecv((2, B), torch.long, prev, f"a header of step {i}"),
+                        comm.irecv((B, seq, H), dtype, prev, f"hidden states of step {i}")]
 
             pos = next_item(0)
             while pos is not None:
@@ -207,5 +210,4 @@ class PipelineLM:
         return torch.stack([blk.out[:, s0 + i - 1], blk.stopped.long()])
 
     def close(self):
-        if self.lm is not None:
-            self.lm.close()
+        self.lm.close()

@@ -50,6 +50,17 @@ class LM:
         self.runner = BlockRunner(self.layers, env, policy, self.weights, self.dtype)
 
     # ---- weights and tokenizer ----------------------------------------------------------------
+    @classmethod
+    def prepare_weight_cache(cls, model, path):
+        """Convert the model's checkpoint into the weight cache under path, if it is not there yet
+        (what the constructor does first): lets one process convert before several read it."""
+        if path is not None and DUMMY_MARK in str(path):
+            return None
+        lm = cls.__new__(cls)
+        resolved = resolve_model(model, cls.family_name)
+        lm._resolved, lm.name, lm.layers = resolved, resolved.name, resolved.family.layers()
+        return lm._prepare_weight_cache(path)
+
     def _prepare_weight_cache(self, path) -> str:
         root = os.path.expanduser(path or os.path.join("~", "flexgen_weights"))
         cache_dir = os.path.join(root, f"{self.name}-np")
