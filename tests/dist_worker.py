@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -44,7 +45,9 @@ def main():
         model = PipelineLM(lm_class(case["family"]), case["model"], env, case["cache_root"], policy, comm,
                            num_inner_iterations=case.get("M"), async_comm=case.get("async", False), progress=False)
         prompts = np.load(case["prompts"])
+        t0 = time.time()
         out = model.generate(prompts, max_new_tokens=case["gen_len"], stop=case.get("stop"))
+        print(f"case {case['id']}: {time.time() - t0:.2f} s", file=sys.stderr)
         model.close()
         env.close_copy_threads()
         if a.rank == 0:

@@ -93,8 +93,9 @@ def _reference(zoo, open_lm, case, prompts):
         return lm.generate(prompts, max_new_tokens=case["gen_len"], stop=case.get("stop"))
 
 
-def _run_cases(zoo, tmp_path, world, cases, timeout=150):
-    """Run the cases on `world` ranks (tests/dist_worker.py); returns rank 0's outputs by id."""
+def _run_cases(zoo, open_lm, tmp_path, world, cases, timeout=150):
+    """Run the cases on `world` ranks (tests/dist_worker.py) and check rank 0's outputs against
+    one process (computed here while the ranks run); returns the outputs by id."""
     specs = []
     for c in cases:
         family, kw = T.SPECS[c["name"]]
@@ -104,6 +105,8 @@ def _run_cases(zoo, tmp_path, world, cases, timeout=150):
         specs.append(dict(c, family=family, model=zoo.checkpoint(c["name"]), cache_root=zoo.cache_root,
                           prompts=str(path)))
         c["_prompts"] = prompts
+        # converted here, before the ranks and the reference below read the same weight cache
+        lm_class(family).prepare_weight_cache(zoo.checkpoint(c["name"]), zoo.cache_root)
     cases_file = tmp_path / "cases.json"
     cases_file.write_text(json.dumps(specs))
     port = _port()
@@ -111,17 +114,17 @@ def _run_cases(zoo, tmp_path, world, cases, timeout=150):
                                "--rank", str(r), "--world-size", str(world), "--cases", str(cases_file),
                                "--out", str(tmp_path)], env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(world)]
-    results, _ = _wait_all(procs, timeout)
+    try:
+        refs = {c["id"]: _reference(zoo, open_lm, c, c["_prompts"]) for c in cases}
+    finally:
+        results, _ = _wait_all(procs, timeout)
     for r, (rc, out, err) in enumerate(results):
         assert rc == 0, f"rank {r} failed ({rc}):\n{err[-3000:]}"
-    return {c["id"]: np.load(tmp_path / f"{c['id']}.npy") for c in cases}
-
-
-def _check_same(zoo, open_lm, cases, outs):
+    outs = {c["id"]: np.load(tmp_path / f"{c['id']}.npy") for c in cases}
     for c in cases:
-        ref = _reference(zoo, open_lm, c, c["_prompts"])
-        np.testing.assert_array_equal(outs[c["id"]], ref, err_msg=f"{c}")
-        assert T.distinct_generated(ref, 10) >= 3
+        np.testing.assert_array_equal(outs[c["id"]], refs[c["id"]], err_msg=f"{c}")
+        assert T.distinct_generated(refs[c["id"]], 10) >= 3
+    return outs
 
 
 def _stop_token(zoo, open_lm, name, placement):
@@ -152,8 +155,7 @@ def test_two_ranks_match_one_process(zoo, open_lm, tmp_path):
              seed=3, **{"async": True}),
         dict(id="llama_cache_cpu", name="llama-tiny", placement="cache_cpu", gen_len=8, M=4),
     ]
-    outs = _run_cases(zoo, tmp_path, 2, cases)
-    _check_same(zoo, open_lm, cases, outs)
+    outs = _run_cases(zoo, open_lm, tmp_path, 2, cases)
     stopped = outs["opt_stop"][:, 10:]
     assert (stopped == stop_opt).any() and (stopped == T.pad_id_of("opt-tiny")).any()
 
@@ -167,8 +169,7 @@ def test_three_ranks_match_one_process(zoo, open_lm, tmp_path):
              overrides=dict(compress_weight=True)),
         dict(id="llama_disk_stop", name="llama-tiny-gqa", placement="all_disk_ngb3", gen_len=8, stop=stop, seed=3),
     ]
-    outs = _run_cases(zoo, tmp_path, 3, cases)
-    _check_same(zoo, open_lm, cases, outs)
+    _run_cases(zoo, open_lm, tmp_path, 3, cases)
 
 
 # ---- the command line --------------------------------------------------------------------------

@@ -186,9 +186,25 @@ class Guard:
         if first:
             print(f"error: {message}", file=sys.stderr, flush=True)
         self.clean_up()
+        self._linger()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+    def _linger(self):
+        """Rank 0 may host the rendezvous store: before it exits, give the other ranks a moment to
+        read the failure there (else they would report the store's loss instead of the cause)."""
+        if self.store is None:
+            return
+        try:
+            self.store.add("flexgen/abort_seen", 1)
+            t0 = time.monotonic()
+            while self.rank == 0 and time.monotonic() - t0 < 3:
+                if int(self.store.add("flexgen/abort_seen", 0)) >= self.world_size:
+                    break
+                time.sleep(0.05)
+        except Exception:
+            pass
 
     def clean_up(self):
         for fn in self.cleanups:
