@@ -64,6 +64,8 @@ def run(a):
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
     share = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))   # the ranks of one machine share its cores
     env = ExecutionEnv.create(os.path.join(a.offload_dir, f"rank{rank}"), device=device,
                               cpu_threads=max(1, len(os.sched_getaffinity(0)) // share))

@@ -152,6 +152,8 @@ def _run(args, lm_class, log_prefix, launch, guard, family, policy):
     guard.cleanup_paths.append(offload_dir)
     args.offload_dir = offload_dir
     args.device = _device_for(args, launch.local_rank)
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))   # NCCL and the CUDA streams use the current device
     env = cli.env_from_args(args)
     comm_device = args.comm_device or ("gpu" if env.is_cuda else "cpu")
     note = None
