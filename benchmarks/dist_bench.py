@@ -136,7 +136,8 @@ def main():
                 rcs, o = run_orig(sid, n, a)
                 ostep = o["decode"] / 31 if o["decode"] else None
                 rows.append((f"orig {sid}", n, seqs, o["prefill"], ostep, o["total"], "-", o["gpu"], rcs, []))
-    print("\n| run | ranks | sequences | prefill s | decode step s | total tok/s | vs 1 rank | peak GPU GB (max rank) | rc |")
+    print("\n| run | ranks | sequences | prefill s | decode step s | total tok/s | vs 1 rank | "
+          "peak GPU GB (max rank) | rc |")
     print("|---|---|---|---|---|---|---|---|---|")
     f = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     for name, n, seqs, pre, step, tot, speed, gpu, rc, ranks in rows:

@@ -33,7 +33,8 @@ GB = 1 << 30
 def add_dist_arguments(parser: argparse.ArgumentParser):
     """The original dist_flex_opt's flags (same names and meanings), plus timeouts."""
     g = parser.add_argument_group("pipeline parallelism")
-    g.add_argument("--head-ip", type=str, default=None, help="address of rank 0 (with --port; torchrun sets this itself)")
+    g.add_argument("--head-ip", type=str, default=None,
+                   help="address of rank 0 (with --port; torchrun sets this itself)")
     g.add_argument("--port", type=int, default=None, help="port of rank 0's rendezvous")
     g.add_argument("--rank", metavar="I", type=int, default=None)
     g.add_argument("--local-rank", metavar="I", type=int, default=None)
@@ -140,7 +141,7 @@ def _device_for(args, local_rank: int) -> str:
 
 
 def _run(args, lm_class, log_prefix, launch, guard, family, policy):
-    from ..optimizer.memory_model import estimate_memory, shortfalls
+    from ..optimizer.memory_model import estimate_memory, shortfalls, suggest_policy
     rank, world = launch.rank, launch.world_size
     verbose = args.verbose if rank == 0 else 0
     parent = os.path.abspath(os.path.expanduser(args.offload_dir))
@@ -184,10 +185,12 @@ def _run(args, lm_class, log_prefix, launch, guard, family, policy):
             est = estimate_memory(stage_family, policy, args.prompt_len, args.gen_len, env.is_cuda)
             short = shortfalls(est, share)
             if short:
+                fit = suggest_policy(stage_family, policy, args.prompt_len, args.gen_len, env.is_cuda, share)
+                hint = f"a policy that would fit: {policy_flags(fit)}" if fit else "no placement of this stage fits"
                 raise MemoryFitError(f"rank {rank} ({describe_stage(family.layers(), ranges[rank])}) with "
                                      f"{policy_flags(policy)} "
                                      f"does not fit its share of this machine ({len(same_host)} ranks on it): "
-                                     f"{'; '.join(short)} (or pass --force to try anyway)")
+                                     f"{'; '.join(short)}. {hint} (or pass --force to try anyway)")
         M = args.num_inner_iterations or world
         if verbose:
             print(f"<{lm_class.__name__}> pipeline of {world} ranks, {M} micro-batches of "
@@ -246,7 +249,8 @@ def _auto_policy(args, stage_family, share, env, comm, rank):
     if (g, n) != (best.policy.gpu_batch_size, best.policy.num_gpu_batches):
         best = choose(g, n)
     p = best.policy
-    lines = comm.gather_objects(f"rank {rank}: {policy_flags(p)}{' --cpu-cache-compute' if p.cpu_cache_compute else ''}; "
+    attn = " --cpu-cache-compute" if p.cpu_cache_compute else ""
+    lines = comm.gather_objects(f"rank {rank}: {policy_flags(p)}{attn}; "
                                 f"predicted {best.prediction.throughput:.2f} token/s for this stage alone")
     if rank == 0 and args.verbose:
         print("auto policy per rank:\n  " + "\n  ".join(lines))
