@@ -353,7 +353,7 @@ def run_batch(lm, requests, output_path, logprobs: bool = False, chunk_blocks: i
                 comps = generate_text(lm, [r.prompt for r in part], max_new_tokens=r0.max_new_tokens,
                                       do_sample=sample, temperature=r0.temperature if sample else 1.0,
                                       top_p=r0.top_p, seed=chunk_seed(seed, [r.key for r in part]) if sample else None,
-                                      stop=list(r0.stop) or None, chat=chat, logprobs=logprobs)
+                                      stop=list(r0.stop) or None, chat=chat, logprobs=logprobs, log=log)
                 lines = []
                 for r, c in zip(part, comps):
                     rec = {"id": r.id, "completion": c.text, "prompt_tokens": c.prompt_tokens,

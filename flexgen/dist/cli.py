@@ -176,8 +176,11 @@ def _run(args, lm_class, log_prefix, launch, guard, family, policy):
         ranges = split_stages(family.layers(), world)
         stage_family = StageFamily(family, ranges[rank])
         free = available_memory(env)
-        share = MachineMemory(None if free.gpu is None else free.gpu // len(same_dev),
-                              free.host // len(same_host), free.disk // len(same_host))
+        # the ranks of one machine share its memory and disk, those of one GPU its memory; a cap
+        # (--gpu-mem, --cpu-mem) is per rank already
+        gpu_cap, host_cap = getattr(env, "gpu_cap", None), getattr(env.host_bytes, "cap", None)
+        share = MachineMemory(None if free.gpu is None else free.gpu // (1 if gpu_cap else len(same_dev)),
+                              free.host // (1 if host_cap else len(same_host)), free.disk // len(same_host))
         if policy is None:
             policy = _auto_policy(args, stage_family, share, env, comm, rank)
         env.fit_threads(policy)

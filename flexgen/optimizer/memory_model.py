@@ -165,11 +165,12 @@ class MachineMemory:
 
 
 def available_memory(env) -> MachineMemory:
-    gpu = None
-    if env.is_cuda:
-        import torch
-        gpu, _ = torch.cuda.mem_get_info(env.device)
-    return MachineMemory(gpu, _host_available(), shutil.disk_usage(env.offload_dir).free)
+    """Free memory now, within the environment's caps (--gpu-mem, --cpu-mem)."""
+    host = _host_available()
+    cap = getattr(env.host_bytes, "cap", None)
+    if cap is not None:
+        host = min(host, max(0, cap - env.host_bytes.pinned - env.host_bytes.pageable))
+    return MachineMemory(env.gpu_budget(), host, shutil.disk_usage(env.offload_dir).free)
 
 
 def _host_available() -> int:
