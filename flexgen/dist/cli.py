@@ -201,16 +201,18 @@ def _run(args, lm_class, log_prefix, launch, guard, family, policy):
                   f"{', async' if args.async_comm else ''}")
             if note:
                 print(f"note: {note}")
-        model = PipelineLM(lm_class, args.model, env, args.path, policy, comm, num_inner_iterations=M,
-                           async_comm=args.async_comm, progress=verbose >= 1,
-                           load_timeout_s=args.load_timeout)
+        with cli.out_of_memory_as_error(stage_family, policy, args, env):   # one error naming the memory
+            model = PipelineLM(lm_class, args.model, env, args.path, policy, comm, num_inner_iterations=M,
+                               async_comm=args.async_comm, progress=verbose >= 1,
+                               load_timeout_s=args.load_timeout)
         comm.barrier("weights loaded", args.load_timeout)
         described = comm.gather_objects(f"{env.device}, {env.describe_parallel()}, host memory held after "
                                         f"loading weights: {env.host_bytes.describe()}")
         if verbose:
             for r, d in enumerate(described):
                 print(f"rank {r}: {model.stage_names[r]} on {d}")
-        result = _generate(args, model, env, policy, M, verbose)
+        with cli.out_of_memory_as_error(stage_family, policy, args, env):
+            result = _generate(args, model, env, policy, M, verbose)
         stats = comm.gather_objects(_rank_stats(rank, model, env))
         if rank == 0:
             _report(args, model, family, policy, M, world, result, stats, log_prefix, verbose)
