@@ -22,7 +22,9 @@ class LM:
     """A model placed by a policy, ready to generate (OptLM and LlamaLM are this, per family)."""
     family_name: str | None = None
 
-    def __init__(self, model, env, path, policy, progress: bool = True):
+    def __init__(self, model, env, path, policy, progress: bool = True, layer_range: tuple | None = None):
+        """layer_range (lo, hi): hold and run only the family's layers[lo:hi] (one pipeline stage of
+        flexgen/dist: only those weights are read and placed, only their KV cache is made)."""
         resolved = resolve_model(model, self.family_name)
         self.family = resolved.family
         self.config = self.family.config
@@ -35,6 +37,8 @@ class LM:
         self._tokenizer = False
         self._cache_dir = None
         self.layers = self.family.layers()
+        if layer_range is not None:
+            self.layers = self.layers[layer_range[0]:layer_range[1]]
         self.dtype = env.compute_dtype
         read_tensor = None
         if path is None or DUMMY_MARK not in str(path):
@@ -46,6 +50,17 @@ class LM:
         self.runner = BlockRunner(self.layers, env, policy, self.weights, self.dtype)
 
     # ---- weights and tokenizer ----------------------------------------------------------------
+    @classmethod
+    def prepare_weight_cache(cls, model, path):
+        """Convert the model's checkpoint into the weight cache under path, if it is not there yet
+        (what the constructor does first): lets one process convert before several read it."""
+        if path is not None and DUMMY_MARK in str(path):
+            return None
+        lm = cls.__new__(cls)
+        resolved = resolve_model(model, cls.family_name)
+        lm._resolved, lm.name, lm.layers = resolved, resolved.name, resolved.family.layers()
+        return lm._prepare_weight_cache(path)
+
     def _prepare_weight_cache(self, path) -> str:
         root = os.path.expanduser(path or os.path.join("~", "flexgen_weights"))
         cache_dir = os.path.join(root, f"{self.name}-np")
