@@ -200,15 +200,23 @@ class RequestRunner:
         order = sorted(range(len(windows)), key=lambda w: len(windows[w][1]))
         with self._bar(len(windows), "score") as bar:
             for part in self._blocks(order):
-                rows = [windows[w][1] for w in part]
+                # a row's last token is not fed: it is the forced token of the one decode step,
+                # scored from the logits at the end of the rest (as a Hugging Face model scores
+                # max_length + 1 tokens by feeding max_length)
+                rows = [windows[w][1][:-1] for w in part]
+                last = [[windows[w][1][-1]] for w in part]
                 ids, mask, width = self._pad(rows)
-                out = self._run_retrying(lambda r, m: self.lm.run_rows(r, m, 1, SamplingParams(), score=True),
-                                         ids, mask)
+                out = self._run_retrying(
+                    lambda r, m, last=last: self.lm.run_rows(r, m, 1, SamplingParams(), score=True, logprobs=True,
+                                                             top_logprobs=1, forced=last),
+                    ids, mask)
                 for r, w in enumerate(part):
                     i, seq, n = windows[w]
-                    lp = out.scores[r, width - n:width]
-                    greedy = out.score_argmax[r, width - n:width] == np.asarray(seq[-n:])
-                    parts[i].append((float(lp.sum()), bool(greedy.all()), n))
+                    fed = n - 1      # scored tokens among the fed ones, at the end of the row
+                    lp = float(out.scores[r, width - fed:width].sum()) + float(out.logprobs[r, 0])
+                    greedy = bool((out.score_argmax[r, width - fed:width] == np.asarray(seq[-n:-1], dtype=np.int64)).all()
+                                  and out.top_ids[r, 0, 0] == seq[-1])
+                    parts[i].append((lp, greedy, n))
                     if len(parts[i]) == counts[i]:
                         results[i] = ScoreResult(sum(p[0] for p in parts[i]), all(p[1] for p in parts[i]),
                                                  sum(p[2] for p in parts[i]))
@@ -222,7 +230,7 @@ class RequestRunner:
 
     def _score_windows(self, r):
         """[(ids, n)]: rows to run and how many tokens at each row's end are scored."""
-        limit = self.lm.info.max_seq_len - 1   # one position stays for the engine's generated token
+        limit = self.lm.info.max_seq_len + 1   # rows feed all but their last token
         prefix = self._prefix_token()
         if r.continuation is None:
             toks = self.encode(r.context)

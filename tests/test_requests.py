@@ -82,7 +82,7 @@ def test_score_and_rolling_equal_reference(zoo, open_lm, name):
         long_text = sum(_prompts(name, 12, seed=9), [])       # longer than the context: several windows
         reqs.append(ScoreRequest(long_text, None))
         scores = runner.score(reqs)
-        limit = lm.info.max_seq_len - 1
+        context = lm.info.max_seq_len
     for p, s in zip(prompts[1:], scores[:5]):
         ref = _ref_logprobs(zoo, name, p)
         assert s.num_tokens == 2
@@ -96,12 +96,13 @@ def test_score_and_rolling_equal_reference(zoo, open_lm, name):
     assert scores[7].num_tokens == len(prompts[2])
     assert scores[7].logprob == pytest.approx(float(sum(ref[n, prompts[2][n]] for n in range(len(prompts[2])))),
                                               abs=1e-4)
-    windows = rolling_windows(long_text, prefix, limit - 1)
+    windows = rolling_windows(long_text, prefix, context)    # rows of context + 1: all but the last fed
     assert len(windows) > 1 and sum(n for _, n in windows) == len(long_text) == scores[8].num_tokens
+    assert max(len(row) for row, _ in windows) == context + 1
     expected = 0.0
     for row, n in windows:
-        ref = _ref_logprobs(zoo, name, row)
-        expected += float(sum(ref[len(row) - 1 - m - 1, row[len(row) - 1 - m]] for m in range(n)))
+        ref = _ref_logprobs(zoo, name, row[:-1])
+        expected += float(sum(ref[j - 1, row[j]] for j in range(len(row) - n, len(row))))
     assert scores[8].logprob == pytest.approx(expected, abs=1e-3)
 
 

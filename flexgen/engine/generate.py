@@ -22,7 +22,9 @@ class LM:
     """A model placed by a policy, ready to generate (OptLM and LlamaLM are this, per family)."""
     family_name: str | None = None
 
-    def __init__(self, model, env, path, policy, progress: bool = True):
+    def __init__(self, model, env, path, policy, progress: bool = True, layer_range: tuple | None = None):
+        """layer_range (lo, hi): hold and run only the family's layers[lo:hi] (one pipeline stage of
+        flexgen/dist: only those weights are read and placed, only their KV cache is made)."""
         resolved = resolve_model(model, self.family_name)
         self.family = resolved.family
         self.config = self.family.config
@@ -35,6 +37,8 @@ class LM:
         self._tokenizer = False
         self._cache_dir = None
         self.layers = self.family.layers()
+        if layer_range is not None:
+            self.layers = self.layers[layer_range[0]:layer_range[1]]
         self.dtype = env.compute_dtype
         read_tensor = None
         if path is None or DUMMY_MARK not in str(path):
@@ -46,6 +50,17 @@ class LM:
         self.runner = BlockRunner(self.layers, env, policy, self.weights, self.dtype)
 
     # ---- weights and tokenizer ----------------------------------------------------------------
+    @classmethod
+    def prepare_weight_cache(cls, model, path):
+        """Convert the model's checkpoint into the weight cache under path, if it is not there yet
+        (what the constructor does first): lets one process convert before several read it."""
+        if path is not None and DUMMY_MARK in str(path):
+            return None
+        lm = cls.__new__(cls)
+        resolved = resolve_model(model, cls.family_name)
+        lm._resolved, lm.name, lm.layers = resolved, resolved.name, resolved.family.layers()
+        return lm._prepare_weight_cache(path)
+
     def _prepare_weight_cache(self, path) -> str:
         root = os.path.expanduser(path or os.path.join("~", "flexgen_weights"))
         cache_dir = os.path.join(root, f"{self.name}-np")
@@ -150,14 +165,17 @@ class LM:
         return np.concatenate([r.logprobs for r in results])
 
     def run_rows(self, ids, mask, steps: int, params: SamplingParams, stop=None, logprobs: bool = False,
-                 top_logprobs: int = 0, score: bool = False) -> BlockResult:
+                 top_logprobs: int = 0, score: bool = False, forced=None) -> BlockResult:
         """The request layer's entry: left-padded rows with their mask, `steps` tokens each, with
         whatever the rows need recorded (generated-token logprobs, top-k alternatives, prompt
-        scores). One BlockResult for all rows (run in blocks of the policy)."""
-        ids = self._check_inputs(ids, steps)
+        scores); forced: (rows, steps) tokens to feed instead of sampling. One BlockResult for all
+        rows (run in blocks of the policy). The last token is never fed back, so rows may fill
+        the context up to its last position."""
+        ids = self._check_inputs(ids, steps, positions=steps - 1)
         mask = self._prompt_mask(ids, mask)
         sampler = Sampler(params, self.env.device)
         results = self._run_blocks(ids, mask, steps, sampler, self._stop_ids(stop), None,
+                                   forced=None if forced is None else np.asarray(forced, dtype=np.int64),
                                    want_logprobs=logprobs, top_logprobs=top_logprobs, score=score)
         return BlockResult(**{name: np.concatenate([getattr(r, name) for r in results])
                               for name in BlockResult.FIELDS if getattr(results[0], name) is not None})
@@ -200,7 +218,8 @@ class LM:
             return ids != self.info.pad_token_id
         return np.asarray(attention_mask, dtype=bool).reshape(ids.shape)
 
-    def _check_inputs(self, inputs, max_new_tokens) -> np.ndarray:
+    def _check_inputs(self, inputs, max_new_tokens, positions=None) -> np.ndarray:
+        """positions: how many positions past the prompt are fed (default: max_new_tokens)."""
         try:
             ids = np.asarray(inputs, dtype=np.int64)
         except (ValueError, TypeError) as e:
@@ -213,7 +232,7 @@ class LM:
             raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
         if ids.min() < 0 or ids.max() >= self.info.vocab_size:
             raise GenerationError(f"token ids must be in [0, {self.info.vocab_size})")
-        total = ids.shape[1] + max_new_tokens
+        total = ids.shape[1] + (max_new_tokens if positions is None else positions)
         if total > self.info.max_seq_len:
             raise GenerationError(f"prompt length {ids.shape[1]} + {max_new_tokens} new tokens = {total} exceeds "
                                   f"the model's context of {self.info.max_seq_len} positions")

@@ -13,9 +13,9 @@ import time
 import numpy as np
 import torch
 
-from ..models.base import StepContext
+from ..models.base import FEED_FORWARD_KINDS, StepContext
 from ..memory.placement import TieredBuffer, unpacked
-from .attention import attend as attention_core
+from .attention import attend as attention_core, in_window
 from .cpu_attention import cpu_decode_attention, packed_chunks, row_chunks
 from .io import IO, Pending
 from .kv_cache import LayerCache
@@ -66,7 +66,7 @@ class BlockRunner:
         # after it form one stage (their weights move together).
         self.stages = []
         for idx, layer in enumerate(layers):
-            if (not policy.sep_layer and layer.kind == "mlp" and self.stages
+            if (not policy.sep_layer and layer.kind in FEED_FORWARD_KINDS and self.stages
                     and layers[self.stages[-1][-1]].kind == "attention"):
                 self.stages[-1].append(idx)
             else:
@@ -80,6 +80,27 @@ class BlockRunner:
         """Generate max_new_tokens for one block. With score, the head also runs over every prompt
         position and the log-probability of each prompt token given the ones before is returned
         (with the argmax at each position, and the top_logprobs best alternatives when asked)."""
+        state = self.open_block(ids, prompt_mask, max_new_tokens, sampler, stop_ids, pad_id, want_logprobs,
+                                score, forced, top_logprobs)
+        completed = False
+        try:
+            for i in range(max_new_tokens):
+                self.run_step(state, i)
+                if on_step is not None:
+                    on_step(i)
+                if state.blk.all_stopped():
+                    break
+            completed = True
+        finally:
+            self.close_block(state, completed)
+        return state.blk.result()
+
+    # The three parts of run(), for a caller that interleaves several blocks (the pipeline of
+    # flexgen/dist runs one block per micro-batch and steps them in turn). A runner whose layer
+    # list does not start with the embedding reads each GPU batch's input hidden states from
+    # `hidden_in`; one that does not end with the head returns its output hidden states.
+    def open_block(self, ids, prompt_mask, max_new_tokens, sampler, stop_ids, pad_id, want_logprobs=False,
+                   score=False, forced=None, top_logprobs: int = 0) -> "BlockState":
         env, p = self.env, self.policy
         B, s0 = ids.shape
         T = max_new_tokens
@@ -88,44 +109,66 @@ class BlockRunner:
         blk = _Block(env.device, ids, prompt_mask, T, sampler, stop_ids, pad_id, gbs, want_logprobs, score, forced,
                      top_logprobs)
         caches = {}
-        for li, layer in enumerate(self.layers):
-            if layer.kind == "attention":
-                for k in range(ngb):
-                    caches[(li, k)] = LayerCache(env, s0 + T, gbs, layer.kv_heads, layer.head_dim, self.dtype,
-                                                 p.percents("cache"), f"cache{li}.{k}", p.cpu_cache_compute,
-                                                 p.comp_cache_config if p.compress_cache else None)
-        acts = ActivationStore(env, p.percents("act"), self.dtype)
-        pending_cache = {}
-        finished = False
         try:
-            for i in range(T):
-                t0 = time.perf_counter()
-                start = 0 if i == 0 else s0 + i - 1
-                cur = s0 if i == 0 else s0 + i
-                valid = blk.mask[:, :cur]
-                positions = (valid.long().cumsum(-1) * valid - 1)[:, start:cur]
-                step = _Step(i, start, cur, blk.out, valid, positions, gbs)
-                # A GPU batch whose sequences have all stopped costs nothing more.
-                step.skip = blk.finished_batches(ngb) if i > 0 else set()
-                self._cpu_attn_s = self._gpu_wait_s = 0.0
-                self._run_step(step, caches, acts, pending_cache, blk)
-                env.synchronize()
-                self.timings["prefill" if i == 0 else "decode"].append(time.perf_counter() - t0)
-                if i > 0:
-                    self.timings["cpu_attention"].append(self._cpu_attn_s)
-                    self.timings["gpu_wait"].append(self._gpu_wait_s)
-                if on_step is not None:
-                    on_step(i)
-                if blk.stop_t is not None and bool(blk.stopped.all()):
-                    break
-            for f in pending_cache.values():
-                f.wait_host()
-            finished = True
+            for li, layer in enumerate(self.layers):
+                if layer.kind == "attention":
+                    for k in range(ngb):
+                        caches[(li, k)] = LayerCache(env, s0 + T, gbs, layer.kv_heads, layer.head_dim, self.dtype,
+                                                     p.percents("cache"), f"cache{li}.{k}", p.cpu_cache_compute,
+                                                     p.comp_cache_config if p.compress_cache else None)
+        except BaseException:
+            for c in caches.values():
+                c.close(recycle=False)
+            raise
+        return BlockState(blk, caches, ActivationStore(env, p.percents("act"), self.dtype))
+
+    def run_step(self, state: "BlockState", i: int, hidden_in=None):
+        """Generation step i of the block: every layer of this runner over every live GPU batch.
+        hidden_in: (B, s, hidden) input hidden states when the first layer is not the embedding.
+        Returns the output hidden states (B, s, hidden; zeros for stopped GPU batches) when the
+        last layer is not the head, else None (the head chose the next tokens into the block)."""
+        env, blk, gbs, ngb = self.env, state.blk, self.policy.gpu_batch_size, self.policy.num_gpu_batches
+        t0 = time.perf_counter()
+        s0 = blk.s0
+        start = 0 if i == 0 else s0 + i - 1
+        cur = s0 if i == 0 else s0 + i
+        valid = blk.mask[:, :cur]
+        positions = (valid.long().cumsum(-1) * valid - 1)[:, start:cur]
+        step = _Step(i, start, cur, blk.out, valid, positions, gbs)
+        # A GPU batch whose sequences have all stopped costs nothing more.
+        step.skip = blk.finished_batches(ngb) if i > 0 else set()
+        if self.layers[0].kind != "embed":
+            for k in range(ngb):
+                if k not in step.skip:
+                    state.acts.put(k, hidden_in[k * gbs:(k + 1) * gbs].to(env.device, self.dtype))
+        self._cpu_attn_s = self._gpu_wait_s = 0.0
+        self._run_step(step, state.caches, state.acts, state.pending_cache, blk)
+        out = None
+        if self.layers[-1].kind != "head":
+            parts = [state.acts.get(k) if k not in step.skip else None for k in range(ngb)]
+            like = next(x for x in parts if x is not None)
+            out = torch.cat([x if x is not None else torch.zeros_like(like) for x in parts])
+        env.synchronize()
+        self.timings["prefill" if i == 0 else "decode"].append(time.perf_counter() - t0)
+        if i > 0:
+            self.timings["cpu_attention"].append(self._cpu_attn_s)
+            self.timings["gpu_wait"].append(self._gpu_wait_s)
+        return out
+
+    def close_block(self, state: "BlockState", completed: bool):
+        """Free the block's caches and activations; with completed, first wait for the cache
+        stores still in flight (a failed block's buffers are dropped, not reused)."""
+        try:
+            if completed:
+                for f in state.pending_cache.values():
+                    f.wait_host()
+        except BaseException:
+            completed = False
+            raise
         finally:
-            for c in caches.values():   # reused only when no copy into it can still be in flight
-                c.close(recycle=finished)
-            acts.close()
-        return blk.result()
+            for c in state.caches.values():   # reused only when no copy into it can still be in flight
+                c.close(recycle=completed)
+            state.acts.close()
 
     def _run_step(self, step, caches, acts, pending_cache, blk):
         io, ngb, stages = self.io, self.policy.num_gpu_batches, self.stages
@@ -165,7 +208,7 @@ class BlockRunner:
                     wdicts = io.result(w_fut) if w_fut.event or w_fut.future else w_fut.value
                     wdicts = [{key: unpacked(w) for key, w in d.items()} for d in wdicts]
                 loaded = io.result(cfut) if cfut is not None else None
-                h = acts.get(k) if j > 0 else None
+                h = acts.get(k) if j > 0 or self.layers[stage[0]].kind != "embed" else None
                 h = self._compute(stage, wdicts, h, k, step, caches, loaded, pending_cache, blk.score)
                 if self.layers[stage[-1]].kind == "head":
                     blk.emit(h, k, step)
@@ -192,7 +235,9 @@ class BlockRunner:
         invalid = step.invalid[b0:b1] if step.i > 0 else None
         sparsity = self.policy.attn_sparsity
 
-        def attend(q, k_new, v_new, scale):
+        def attend(q, k_new, v_new, scale, window=None):
+            """window: sliding-window attention over the last `window` positions (keys before it
+            are masked like padding, wherever the cache is)."""
             k_rows = k_new.transpose(0, 1)   # (s, b, kv_heads, d): the cache layout (written by copy)
             v_rows = v_new.transpose(0, 1)
             cache.write_resident(k_rows, v_rows, step.start)
@@ -200,14 +245,18 @@ class BlockRunner:
                 pending_cache[(li, k)] = self.io.store(lambda: cache.store_rest(k_rows, v_rows, step.start),
                                                        cache.stores_to_disk, (k_rows, v_rows))
             if step.i == 0:
-                return attention_core(q, k_new, v_new, valid, scale, sparsity)
+                return attention_core(q, k_new, v_new, valid, scale, sparsity, window=window)
+            seen, unseen = valid, invalid
+            if window is not None and window < valid.shape[1]:
+                seen = in_window(valid, window)
+                unseen = ~seen
             rep = q.shape[2] // k_new.shape[2]
             outs = []
             for seg, (a, b) in enumerate(cache.ranges):
                 qs = q[:, :, a * rep:b * rep]
                 if cache.cpu_compute and cache.k.tiers[seg] != "gpu" and sparsity >= 1.0:
                     outs.append(self._cpu_attention(cache, seg, loaded, qs, k_rows[:, :, a:b], v_rows[:, :, a:b],
-                                                    step, invalid if invalid is not None else ~valid, scale))
+                                                    step, unseen if unseen is not None else ~seen, scale))
                     continue
                 if cache.resident[seg] and not cache.compressed:  # new row already written in place
                     ks, vs = cache.resident_rows(seg, step.cur)
@@ -222,11 +271,11 @@ class BlockRunner:
                 dev = ks.device
                 if dev != q.device:  # top-k sparse attention next to the cache, float32 on the CPU
                     o = attention_core(qs.to(dev, torch.float32), ks.permute(1, 0, 2, 3).float(),
-                                       vs.permute(1, 0, 2, 3).float(), valid.to(dev), scale, sparsity)
+                                       vs.permute(1, 0, 2, 3).float(), seen.to(dev), scale, sparsity)
                     o = o.to(q.device, q.dtype)
                 else:
-                    o = attention_core(qs, ks.permute(1, 0, 2, 3), vs.permute(1, 0, 2, 3), valid, scale, sparsity,
-                                       invalid=invalid)
+                    o = attention_core(qs, ks.permute(1, 0, 2, 3), vs.permute(1, 0, 2, 3), seen, scale, sparsity,
+                                       invalid=unseen)
                 outs.append(o)
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
@@ -285,6 +334,14 @@ def _cpu_rows(cache, seg, loaded, n):
     return row_chunks(*cache.resident_rows(seg, cache.k.shape[0]))
 
 
+class BlockState:
+    """One block in flight: its tokens and stop state, KV caches, activations, pending stores."""
+
+    def __init__(self, blk, caches, acts):
+        self.blk, self.caches, self.acts = blk, caches, acts
+        self.pending_cache = {}
+
+
 class BlockResult:
     """Numpy arrays of one block: ids (B, s0 + T); logprobs (B, T) of the generated tokens;
     scores (B, s0) of the prompt tokens and score_argmax (B, s0) the model's best token at each
@@ -326,6 +383,9 @@ class _Block:
                                torch.zeros((B, s0, top_k), dtype=torch.float32, device=dev))
         # Teacher forcing: the tokens to feed instead of sampling (their logprobs are recorded).
         self.forced = None if forced is None else torch.as_tensor(forced, dtype=torch.long, device=dev)
+
+    def all_stopped(self) -> bool:
+        return self.stop_t is not None and bool(self.stopped.all())
 
     def finished_batches(self, ngb) -> set:
         if self.stop_t is None or ngb == 1:

@@ -1,0 +1,1 @@
+"""Adapters to other people's frameworks (lm-evaluation-harness, HELM), thin, over flexgen.requests."""
