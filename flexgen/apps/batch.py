@@ -273,7 +273,7 @@ def run_batch(lm, requests, output_path, logprobs: bool = False, chunk_blocks: i
         if refused:
             for r, e in refused:
                 log(f"{r.where()}: {e}; answered with status 400")
-            _append(out, [error_line(r, e) for r, e in refused], output_path)
+            append_records(out, [error_line(r, e) for r, e in refused], output_path)
             done.update(r.key for r, _ in refused)
             summary["refused"] = [r.custom_id for r, _ in refused]
 
