@@ -24,10 +24,8 @@ From Python:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 import sys
 import time
 import zlib
@@ -38,6 +36,7 @@ from ..engine.generate import GenerationError
 from ..models.registry import EMBEDDED_DEFAULT
 from ..requests import RequestRunner
 from ..text import encode_prompts, generate_text
+from .resumable import ResultsFileError, append_records, id_key, load_done, locked_output
 from .openai_batch import (OpenAIRequest, OpenAIRequestError, chat_prompt_ids, error_line, is_openai_line,
                            parse_openai_line, response_line)
 
@@ -48,8 +47,7 @@ class BatchInputError(ValueError):
     """A malformed request, duplicate ids, or an unreadable input file (message meant for the user)."""
 
 
-class BatchOutputError(ValueError):
-    """An output file that is not a results file this runner can safely append to."""
+BatchOutputError = ResultsFileError   # the old name
 
 
 @dataclass(frozen=True)
@@ -72,11 +70,6 @@ class Request:
 
     def where(self) -> str:
         return f"line {self.line}: id {self.key}" if self.line is not None else f"id {self.key}"
-
-
-def id_key(value) -> str:
-    """Ids compare as their JSON text: 7 and "7" are different ids."""
-    return json.dumps(value, ensure_ascii=False)
 
 
 def _json_type(v) -> str:
@@ -201,96 +194,7 @@ def read_requests(path, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
     return requests, problems
 
 
-# ---- the output file -------------------------------------------------------------------------
-
-def _result_id(line: bytes):
-    """The id key of a complete result line, or None if it is not one."""
-    try:
-        obj = json.loads(line.decode("utf-8"))
-    except ValueError:  # includes UnicodeDecodeError
-        return None
-    if not isinstance(obj, dict) or "id" not in obj:
-        return None
-    return id_key(obj["id"])
-
-
-def load_done(path, repair: bool = True, log=None) -> set:
-    """Id keys already in the results file. A crash can leave a partial last line (no newline, or
-    not valid JSON): with repair, the file is truncated to its last complete result line. A bad
-    line before good ones is not a crash artefact: BatchOutputError, and the file is left alone."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return set()
-    except OSError as e:
-        raise BatchOutputError(f"cannot read {path}: {e.strerror or e}") from None
-    lines = data.split(b"\n")
-    lines.pop()                             # after the last newline: b"" when the file ends cleanly
-    ids, good_len, bad, pos = [], 0, [], 0
-    for n, line in enumerate(lines, start=1):
-        pos += len(line) + 1
-        if not line.strip():
-            if not bad:
-                good_len = pos
-            continue
-        key = _result_id(line)
-        if key is None:
-            bad.append(n)
-            continue
-        if bad:
-            raise BatchOutputError(f"{path} line {bad[0]} is not a result line, and results follow it; "
-                                   "fix or move the file (nothing was changed)")
-        ids.append(key)
-        good_len = pos
-    if good_len < len(data):
-        what = f"{len(data) - good_len} bytes of a partial last line"
-        if not repair:
-            raise BatchOutputError(f"{path} ends with {what}")
-        with open(path, "r+b") as f:
-            f.truncate(good_len)
-            f.flush()
-            os.fsync(f.fileno())
-        (log or _stderr)(f"repaired {path}: removed {what} (left by an interrupted run)")
-    return set(ids)
-
-
-@contextlib.contextmanager
-def _locked_output(path):
-    """The results file opened for appending (created if missing, its directory entry synced),
-    with an exclusive lock so that two runs cannot interleave lines."""
-    created = not os.path.exists(path)
-    try:
-        f = open(path, "ab")
-    except OSError as e:
-        raise BatchOutputError(f"cannot open {path} for appending: {e.strerror or e}") from None
-    try:
-        if created:
-            _fsync_dir(os.path.dirname(os.path.abspath(path)))
-        try:
-            import fcntl
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock
-            pass
-        except OSError:
-            raise BatchOutputError(f"{path} is being written by another run") from None
-        yield f
-    finally:
-        f.close()
-
-
-def _fsync_dir(d):
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
+# ---- the output file: flexgen/apps/resumable.py (shared with data_wrangle) ------------------
 
 def _stderr(msg):
     print(msg, file=sys.stderr, flush=True)
@@ -336,7 +240,7 @@ def run_batch(lm, requests, output_path, logprobs: bool = False, chunk_blocks: i
     start = time.perf_counter()
     summary = {"output": str(output_path), "requests": len(reqs), "already_done": 0, "prompts": 0,
                "invalid": [], "prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0}
-    with _locked_output(output_path) as out:
+    with locked_output(output_path) as out:
         done = load_done(output_path, repair=True, log=log)
         pending = [r for r in reqs if r.key not in done]
         summary["already_done"] = len(reqs) - len(pending)
@@ -369,7 +273,7 @@ def run_batch(lm, requests, output_path, logprobs: bool = False, chunk_blocks: i
         if refused:
             for r, e in refused:
                 log(f"{r.where()}: {e}; answered with status 400")
-            _append(out, [error_line(r, e) for r, e in refused], output_path)
+            append_records(out, [error_line(r, e) for r, e in refused], output_path)
             done.update(r.key for r, _ in refused)
             summary["refused"] = [r.custom_id for r, _ in refused]
 
@@ -396,7 +300,7 @@ def run_batch(lm, requests, output_path, logprobs: bool = False, chunk_blocks: i
                 r0 = part[0]
                 if isinstance(r0, OpenAIRequest):
                     lines = _run_openai(runner, part, model_name, seed, summary)
-                    _append(out, lines, output_path)
+                    append_records(out, lines, output_path)
                     done.update(r.key for r in part)
                     summary["prompts"] += len(part)
                     if bar is not None:
@@ -407,21 +311,16 @@ def run_batch(lm, requests, output_path, logprobs: bool = False, chunk_blocks: i
                                       do_sample=sample, temperature=r0.temperature if sample else 1.0,
                                       top_p=r0.top_p, seed=chunk_seed(seed, [r.key for r in part]) if sample else None,
                                       stop=list(r0.stop) or None, chat=chat, logprobs=logprobs, log=log)
-                lines = []
+                records = []
                 for r, c in zip(part, comps):
                     rec = {"id": r.id, "completion": c.text, "prompt_tokens": c.prompt_tokens,
                            "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason}
                     if logprobs:
                         rec["logprobs"] = [_finite(x) for x in (c.logprobs or [])]
-                    lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+                    records.append(rec)
                     summary["prompt_tokens"] += c.prompt_tokens
                     summary["generated_tokens"] += c.completion_tokens
-                try:
-                    out.write("".join(lines).encode("utf-8"))
-                    out.flush()
-                    os.fsync(out.fileno())
-                except OSError as e:  # a full disk, a vanished file system: earlier chunks are safe
-                    raise BatchOutputError(f"cannot write {output_path}: {e.strerror or e}") from e
+                append_records(out, records, output_path)
                 done.update(r.key for r in part)
                 summary["prompts"] += len(part)
                 if bar is not None:
@@ -443,16 +342,6 @@ def prompt_tokens(tok, r, chat: bool = False) -> int:
             return len(r.prompt) if not isinstance(r.prompt, str) else len(tok.encode(r.prompt))
         return len(chat_prompt_ids(tok, list(r.prompt)))
     return len(encode_prompts(tok, [r.prompt], chat)[0])
-
-
-def _append(out, records, output_path):
-    """One durable write: the lines, flushed and fsync'ed."""
-    try:
-        out.write("".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records).encode("utf-8"))
-        out.flush()
-        os.fsync(out.fileno())
-    except OSError as e:  # a full disk, a vanished file system: earlier chunks are safe
-        raise BatchOutputError(f"cannot write {output_path}: {e.strerror or e}") from e
 
 
 def _run_openai(runner, part, model_name, seed, summary) -> list[dict]:
@@ -512,7 +401,7 @@ def run_cli(args) -> dict:
     if problems and args.strict:
         raise BatchInputError(f"{len(problems)} malformed line(s) in {args.input} (--strict)")
     policy = policy_from_args(args)
-    with _locked_output(args.output):
+    with locked_output(args.output):
         done = load_done(args.output, repair=True)
     if all(r.key in done for r in requests):  # nothing to do: don't load the model
         n = len(requests)
