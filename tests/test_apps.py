@@ -4,13 +4,13 @@ malformed lines are reported with their line numbers, duplicate ids stop the run
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import types
 
 import pytest
+
+from kill_resume import kill_after_first_line
 
 from flexgen.apps import batch, completion
 from flexgen.cli import lm_class_for
@@ -197,20 +197,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(smol, weight_root, tmp_pat
     cmd = [sys.executable, "-m", "flexgen.apps.batch"] + model_flags(weight_root, tmp_path) + [
         "--input", str(tmp_path / "in.jsonl"), "--output", str(out_path), "--chunk-blocks", "1", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with open(tmp_path / "log1", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        try:
-            while proc.poll() is None and time.monotonic() < deadline:
-                if out_path.exists() and out_path.read_bytes().count(b"\n") >= 1:
-                    break
-                time.sleep(0.005)
-            finished = proc.poll() is not None
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-    assert not finished, "the run ended before it could be killed: " + (tmp_path / "log1").read_text()[-2000:]
-    first = out_path.read_bytes().count(b"\n")
+    first = kill_after_first_line(cmd, ROOT, env, out_path, tmp_path / "log1", timeout=240)
     assert 1 <= first < 8, first
 
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

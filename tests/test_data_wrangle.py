@@ -7,14 +7,14 @@ import csv
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import pytest
 import torch
+
+from kill_resume import kill_after_first_line
 
 from flexgen.apps.data_wrangle import app, prepare as prep
 from flexgen.apps.data_wrangle.datasets import DatasetError, read_dataset
@@ -355,20 +355,7 @@ def test_sigkill_then_rerun_every_example_once(weight_root, tmp_path, capsys):
 
     out = tmp_path / "out" / "trial_0.jsonl"
     cmd = base + flags + ["--output_dir", str(tmp_path / "out")]
-    with open(tmp_path / "log1", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        try:
-            while proc.poll() is None and time.monotonic() < deadline:
-                if out.exists() and out.read_bytes().count(b"\n") >= 1:
-                    break
-                time.sleep(0.005)
-            finished = proc.poll() is not None
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-    assert not finished, "the run ended before it could be killed: " + (tmp_path / "log1").read_text()[-2000:]
-    first = out.read_bytes().count(b"\n")
+    first = kill_after_first_line(cmd, ROOT, env, out, tmp_path / "log1", timeout=600)
     assert 1 <= first < 10, first
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]

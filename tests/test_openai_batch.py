@@ -5,15 +5,15 @@ fields of the batch output format."""
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import tiny_models
 from tiny_tokenizer import save_tiny_tokenizer
+
+from kill_resume import kill_after_first_line
 
 from flexgen.apps import batch
 from flexgen.apps.openai_batch import CHAT_URL, COMPLETIONS_URL, chat_prompt_ids, output_id
@@ -218,20 +218,7 @@ def test_sigkill_then_resume_every_custom_id_once(lm, ckpt, weight_root, tmp_pat
     cmd = [sys.executable, "-m", "flexgen.apps.batch"] + flags + [
         "--input", str(tmp_path / "in.jsonl"), "--output", str(out_path), "--chunk-blocks", "1", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    with open(tmp_path / "log1", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        try:
-            while proc.poll() is None and time.monotonic() < deadline:
-                if out_path.exists() and out_path.read_bytes().count(b"\n") >= 1:
-                    break
-                time.sleep(0.005)
-            finished = proc.poll() is not None
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-    assert not finished, "the run ended before it could be killed: " + (tmp_path / "log1").read_text()[-2000:]
-    first = out_path.read_bytes().count(b"\n")
+    first = kill_after_first_line(cmd, ROOT, env, out_path, tmp_path / "log1", timeout=240)
     assert 1 <= first < 12, first
 
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
