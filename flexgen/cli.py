@@ -41,7 +41,53 @@ def positive_int_or_auto(v):
     return "auto" if v == "auto" else positive_int(v)
 
 
+# The flags of the original FlexGen's flex_opt (its own and its apps' scripts share them). argparse
+# takes a unique prefix for a flag; FlexGen's scripts rely on that (`--cpu` for --cpu-cache-compute,
+# `--debug` for --debug-mode), and the flags added here (--cpu-mem, --cpu-threads, --device ...)
+# would make those prefixes ambiguous. An abbreviation that named exactly one of these flags there
+# names it here too.
+FLEXGEN_FLAGS = ("--model", "--path", "--offload-dir", "--prompt-len", "--gen-len", "--cut-gen-len",
+                 "--debug-mode", "--gpu-batch-size", "--num-gpu-batches", "--percent", "--sep-layer",
+                 "--pin-weight", "--cpu-cache-compute", "--attn-sparsity", "--compress-weight",
+                 "--compress-cache", "--log-file", "--no-log", "--verbose", "--overlap")
+
+# The module each family's command line runs as (its usage line names it; `python3 -m` would
+# otherwise show `__main__`).
+ENTRY_POINTS = {"opt": "flexgen.flex_opt", "llama": "flexgen.flex_llama"}
+
+
+def expand_flexgen_abbreviations(argv, option_strings) -> list:
+    """argv with each abbreviation that argparse would find ambiguous among option_strings, but
+    that is a unique prefix of one of FLEXGEN_FLAGS, written out in full."""
+    out = list(argv)
+    for i, tok in enumerate(out):
+        if tok == "--":
+            break
+        if not (isinstance(tok, str) and tok.startswith("--") and len(tok) > 2):
+            continue
+        name, eq, value = tok.partition("=")
+        if name in option_strings or sum(o.startswith(name) for o in option_strings) < 2:
+            continue
+        theirs = [f for f in FLEXGEN_FLAGS if f.startswith(name)]
+        if len(theirs) == 1 and theirs[0] in option_strings:
+            out[i] = theirs[0] + eq + value
+    return out
+
+
+class FlexGenArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser that reads FlexGen's abbreviations as FlexGen did (see FLEXGEN_FLAGS)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(expand_flexgen_abbreviations(args, set(self._option_string_actions)),
+                                        namespace)
+
+
 def add_arguments(parser: argparse.ArgumentParser, default_model: str, default_path: str):
+    if type(parser) is argparse.ArgumentParser:
+        # Every app that shares these flags (completion, helm, data wrangling ...) builds a plain
+        # parser; make it read FlexGen's abbreviations too, so its scripts run unchanged.
+        parser.__class__ = FlexGenArgumentParser
     parser.add_argument("--model", type=str, default=default_model,
                         help="model name, local Hugging Face checkpoint directory, or .gguf file")
     parser.add_argument("--path", type=str, default=default_path,
@@ -51,7 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str, default_p
     parser.add_argument("--prompt-len", type=positive_int, default=512)
     parser.add_argument("--gen-len", type=positive_int, default=32)
     parser.add_argument("--cut-gen-len", type=positive_int, help="cut generation length for fast debugging")
-    parser.add_argument("--debug-mode", type=str, choices=["fewer_batch", "breakdown"])
+    parser.add_argument("--debug-mode", type=str, choices=["fewer_batch", "breakdown"],
+                        help="fewer_batch: time a few decode steps and project (FlexGen's shortcut); "
+                             "breakdown: print every step's latency")
     parser.add_argument("--gpu-batch-size", type=positive_int_or_auto, default=4, help="a number, or auto")
     parser.add_argument("--num-gpu-batches", type=positive_int_or_auto, default=1, help="a number, or auto")
     parser.add_argument("--percent", nargs="+", default=["100", "0", "100", "0", "100", "0"],
@@ -395,8 +443,22 @@ def main_errors(fn, extra=()):
         sys.exit(130)
 
 
-def main(lm_class, default_model, default_path, log_prefix, argv=None):
-    parser = argparse.ArgumentParser(prog=f"python3 -m {lm_class.__module__}")
+# FlexGen's --debug-mode fewer_batch timed the prefill and a few decode layers, then projected the
+# decode latency to --gen-len (its log says `projected: True`). Here: the prefill and this many
+# decode steps, projected the same way.
+FEWER_BATCH_DECODE_STEPS = 2
+
+
+def build_parser(lm_class, default_model, default_path) -> argparse.ArgumentParser:
+    parser = FlexGenArgumentParser(prog=f"python3 -m {ENTRY_POINTS[lm_class.family_name]}")
     add_arguments(parser, default_model, default_path)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(lm_class, default_model, default_path, log_prefix, argv=None):
+    args = build_parser(lm_class, default_model, default_path).parse_args(argv)
+    if args.debug_mode == "fewer_batch" and args.cut_gen_len is None and args.gen_len > 1 + FEWER_BATCH_DECODE_STEPS:
+        args.cut_gen_len = 1 + FEWER_BATCH_DECODE_STEPS
+        print(f"--debug-mode fewer_batch: timing the prefill and {FEWER_BATCH_DECODE_STEPS} decode steps; "
+              f"decode latency projected to --gen-len {args.gen_len}")
     main_errors(lambda: run(args, lm_class, log_prefix))

@@ -74,8 +74,8 @@ KNOWN_CONFIGS = {
     "opt-30b": _opt("opt-30b", 48, 7168, 56),
     "opt-66b": _opt("opt-66b", 64, 9216, 72),
     "opt-175b": _opt("opt-175b", 96, 12288, 96),
-    "opt-iml-max-30b": _opt("opt-iml-max-30b", 48, 7168, 56),
-    "opt-iml-30b": _opt("opt-iml-30b", 48, 7168, 56),
+    # one pipeline stage's share of OPT-175B (a quarter of its layers), as FlexGen's bench_suite runs it
+    "opt-175b-stage": _opt("opt-175b-stage", 24, 12288, 96),
     "galactica-30b": _opt("galactica-30b", 48, 7168, 56, vocab_size=50000, bos_token_id=0),
 }
 
@@ -83,9 +83,11 @@ KNOWN_CONFIGS = {
 def get_opt_config(name: str, **overrides) -> OptConfig:
     """FlexGen's helper: a known OPT config by name ("facebook/opt-30b" or "opt-30b")."""
     key = name.split("/")[-1].lower()
-    if key not in KNOWN_CONFIGS:
+    # OPT-IML (instruction-tuned) models have the shape of the OPT of the same size, as in FlexGen.
+    arch = key.replace("-iml-max", "").replace("-iml", "")
+    if arch not in KNOWN_CONFIGS:
         raise KeyError(name)
-    return dataclasses.replace(KNOWN_CONFIGS[key], **overrides)
+    return dataclasses.replace(KNOWN_CONFIGS[arch], name=key, **overrides)
 
 
 # ---- the math ---------------------------------------------------------------------------------
