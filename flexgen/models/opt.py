@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from .base import LayerSpec, ModelFamily, ModelInfo, WeightSpec, stacked
+from .base import LayerSpec, ModelFamily, ModelInfo, WeightSpec, require_sizes, stacked
 
 
 @dataclass
@@ -38,12 +38,20 @@ class OptConfig:
             raise ValueError(f"OPT activation {act!r} is not supported (only relu)")
         if not d.get("layer_norm_elementwise_affine", True):
             raise ValueError("OPT checkpoints without LayerNorm affine parameters are not supported")
-        hidden = d["hidden_size"]
+        n = require_sizes(d, "OPT", ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim",
+                                     "vocab_size"))
+        hidden = n["hidden_size"]
+        if hidden % n["num_attention_heads"]:
+            raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads "
+                             f"{n['num_attention_heads']}")
+        extra = require_sizes({"word_embed_proj_dim": d.get("word_embed_proj_dim") or hidden,
+                               "max_position_embeddings": d.get("max_position_embeddings", 2048)}, "OPT",
+                              ("word_embed_proj_dim", "max_position_embeddings"))
         return cls(
-            name=name, num_hidden_layers=d["num_hidden_layers"],
-            max_seq_len=d.get("max_position_embeddings", 2048), hidden_size=hidden,
-            n_head=d["num_attention_heads"], input_dim=d.get("word_embed_proj_dim") or hidden,
-            ffn_embed_dim=d["ffn_dim"], vocab_size=d["vocab_size"],
+            name=name, num_hidden_layers=n["num_hidden_layers"],
+            max_seq_len=extra["max_position_embeddings"], hidden_size=hidden,
+            n_head=n["num_attention_heads"], input_dim=extra["word_embed_proj_dim"],
+            ffn_embed_dim=n["ffn_dim"], vocab_size=n["vocab_size"],
             pad_token_id=_int_or(d.get("pad_token_id"), 1), bos_token_id=_int_or(d.get("bos_token_id"), 2),
             eos_token_id=_int_or(d.get("eos_token_id"), 2),
             do_layer_norm_before=d.get("do_layer_norm_before", True),

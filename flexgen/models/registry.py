@@ -33,17 +33,28 @@ class ResolvedModel:
 
 
 def _from_hf_dict(d: dict, name: str, source: str) -> ModelFamily:
+    """The family of a config dict read from source (config.json or a .gguf); a config that lacks
+    what its family needs, or holds nonsense, is a ModelNotFound naming source."""
+    if not isinstance(d, dict):
+        raise ModelNotFound(f"{source}: the config is a JSON {type(d).__name__}, not an object")
     archs = d.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
     model_type = d.get("model_type")
-    for arch in archs:
-        if arch in ARCHITECTURES:
-            fam, cfg_cls, fam_cls = ARCHITECTURES[arch]
-            return fam_cls(cfg_cls.from_hf(d, name=name))
-    for fam, (cfg_cls, fam_cls, _) in FAMILIES.items():
-        if model_type == fam:
-            return fam_cls(cfg_cls.from_hf(d, name=name))
-    raise ModelNotFound(f"{source}: architecture {archs or model_type} is not supported "
-                        f"(supported: {', '.join(ARCHITECTURES)})")
+    chosen = next((ARCHITECTURES[a][1:] for a in archs if isinstance(a, str) and a in ARCHITECTURES), None)
+    if chosen is None and model_type in FAMILIES:
+        chosen = FAMILIES[model_type][:2]
+    if chosen is None:
+        raise ModelNotFound(f"{source}: architecture {archs or model_type} is not supported "
+                            f"(supported: {', '.join(ARCHITECTURES)})")
+    cfg_cls, fam_cls = chosen
+    try:
+        family = fam_cls(cfg_cls.from_hf(d, name=name))
+        family.info()       # derived sizes (head_dim ...) must work too
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        msg = str(e) if isinstance(e, ValueError) else f"malformed config ({type(e).__name__}: {e})"
+        raise ModelNotFound(f"{source}: {msg}") from None
+    return family
 
 
 def resolve_model(model, family: str | None = None) -> ResolvedModel:
@@ -80,9 +91,9 @@ def _resolve_str(model: str, family: str | None) -> ResolvedModel:
             with open(cfg_path) as f:
                 d = json.load(f)
         except (OSError, ValueError) as e:
-            raise ModelNotFound(f"{cfg_path} cannot be read: {e}") from e
+            raise ModelNotFound(f"{cfg_path} cannot be read: {e}") from None
         name = os.path.basename(os.path.normpath(path))
-        return ResolvedModel(_from_hf_dict(d, name, path), name, path, None)
+        return ResolvedModel(_from_hf_dict(d, name, cfg_path), name, path, None)
     if model.startswith(("/", ".", "~")) or model.endswith(".gguf") or model.count("/") > 1:
         raise ModelNotFound(f"{model}: no such file or directory")
     for fam, (_, fam_cls, get_config) in FAMILIES.items():
