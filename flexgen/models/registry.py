@@ -57,6 +57,14 @@ def _from_hf_dict(d: dict, name: str, source: str) -> ModelFamily:
     return family
 
 
+def is_gguf_model(model) -> bool:
+    """Whether the model's weights come from a GGUF file (without reading it)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return False
+    m = os.fspath(model)
+    return m.lower() == EMBEDDED_DEFAULT or m.lower().endswith(".gguf")
+
+
 def resolve_model(model, family: str | None = None) -> ResolvedModel:
     """family restricts the answer ("opt" for flex_opt, "llama" for flex_llama)."""
     if isinstance(model, (OptConfig, LlamaConfig)):
