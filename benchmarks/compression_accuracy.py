@@ -4,7 +4,7 @@ Perplexity (flexgen.apps.perplexity's windows: half context, half scored through
 so a compressed cache counts as in generation), on the CPU in float32, of:
 
 - smollm2-135m (LLaMA shape; its weights come from a GGUF Q4_1 file: blocks of 32 along dim 1),
-  on tests/data/sample.txt and on a held-out English text;
+  on tests/data/sample.txt (the layouts that decide the default: minutes each on a small CPU);
 - an OPT-shaped and a LLaMA-shaped model (3 layers, hidden 128, head dim 64, byte vocabulary)
   trained here from a fixed seed on English text (licence texts of this machine), in float32, so
   their weights never passed through any quantiser; scored on a held-out licence.
@@ -44,14 +44,20 @@ WEIGHT_LAYOUTS = [("w g128 dim0", 128, 0), ("w g128 dim1", 128, 1), ("w g64 dim0
 CACHE_GROUPS = [64, 32, 16]
 
 
-def layouts():
+def layouts(short=False):
+    """All layouts; short: the ones that decide the default (smollm2 takes minutes per layout here,
+    every weight being unpacked at every decode step on two shared cores)."""
     yield "none", None, None
     for label, g, d in WEIGHT_LAYOUTS:
-        yield label, CompressionConfig(4, g, d, False), None
+        if not short or g != 128:
+            yield label, CompressionConfig(4, g, d, False), None
     for g in CACHE_GROUPS:
-        yield f"cache g{g} head dim" + (" (FlexGen)" if g == 64 else ""), None, CompressionConfig(4, g, 2, False)
+        if not short or g != 16:
+            yield f"cache g{g} head dim" + (" (FlexGen)" if g == 64 else ""), None, CompressionConfig(4, g, 2, False)
     for (g, d), cg in (((64, 0), 64), ((64, 1), 64), ((64, 1), 32), ((32, 1), 32)):
-        yield (f"w g{g} dim{d} + cache g{cg}", CompressionConfig(4, g, d, False), CompressionConfig(4, cg, 2, False))
+        if not short or (g, d, cg) in ((64, 0, 64), (64, 1, 64)):
+            yield (f"w g{g} dim{d} + cache g{cg}", CompressionConfig(4, g, d, False),
+                   CompressionConfig(4, cg, 2, False))
 
 
 def bits(cfg):
@@ -117,23 +123,81 @@ def ppl(lm_cls, model, cache_root, ids, window, wcfg, ccfg, offload):
         env.close_copy_threads()
 
 
+# ---- smollm2's weight layouts: one forward pass per window in transformers ------------------------
+
+def hf_window_ppl(model, ids, window):
+    """The perplexity app's windows (first half context, second half scored; the first context's
+    own tokens scored too), each window in one teacher-forced forward pass: the same sums as the
+    engine's decode path, without unpacking every weight at every step."""
+    half = window // 2
+    total, count = 0.0, 0
+    with torch.no_grad():
+        x = torch.tensor([ids[:half]])
+        lp = torch.log_softmax(model(x).logits.float(), -1)[0, :-1]
+        total += float(lp.gather(1, x[0, 1:, None]).sum())
+        count += half - 1
+        for s0 in range(0, len(ids) - half, half):
+            w = ids[s0:s0 + 2 * half]
+            x = torch.tensor([w])
+            lp = torch.log_softmax(model(x).logits.float(), -1)[0, half - 1:-1]
+            total += float(lp.gather(1, x[0, half:, None]).sum())
+            count += len(w) - half
+    return float(np.exp(-total / count)), count
+
+
+def fake_quantized(model, cfg):
+    """A copy of model whose transformer-layer matrices went through our compress/decompress (fp16
+    first, as the weight cache stores them); embeddings and head stay, as in the engine."""
+    import copy
+    from flexgen.memory.compression import compress, decompress
+    m = copy.deepcopy(model)
+    for name, p in m.named_parameters():
+        if ".layers." in name and p.dim() == 2:
+            w = p.data.to(torch.float16)
+            p.data = decompress(compress(w, cfg), torch.float32, w.shape)
+    return m
+
+
+def smollm2_weight_layouts(ids, window, rows):
+    from transformers import AutoModelForCausalLM
+    from flexgen.weights import find_smollm2_gguf
+    path = find_smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32).eval()
+    base = None
+    for label, wcfg, ccfg in layouts():
+        if ccfg is not None:
+            continue
+        m = model if wcfg is None else fake_quantized(model, wcfg)
+        value, n = hf_window_ppl(m, ids, window)
+        base = value if base is None else base
+        rows.append(("smollm2-135m (transformers)", f"sample.txt ({n} scored)", label, bits(wcfg), "-", value,
+                     100 * (value / base - 1)))
+        print(f"smollm2 (hf)  {label:28s} {value:9.3f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=400, help="training steps of each tiny model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["smollm2", "tiny"], default=None)
+    ap.add_argument("--short", action="store_true", help="tiny models: only the layouts smollm2 gets")
+    ap.add_argument("--held-out-bytes", type=int, default=2048, help="tiny models: bytes of held-out text scored")
+    ap.add_argument("--work", default=None, help="folder for weight caches (kept; default: a new temp folder)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from flexgen.flex_llama import LlamaLM
     from flexgen.flex_opt import OptLM
-    work = tempfile.mkdtemp(prefix="comp_acc_")
+    work = args.work or tempfile.mkdtemp(prefix="comp_acc_")
     offload = os.path.join(work, "off")
     rows = []   # (model, text, label, wbits, cbits, ppl)
 
-    def measure(name, lm_cls, model, texts, window):
+    def measure(name, lm_cls, model, texts, window, short=False, cache_only=False):
         for text_name, ids in texts:
             base = None
-            for label, wcfg, ccfg in layouts():
+            for label, wcfg, ccfg in layouts(short):
+                if cache_only and wcfg is not None:
+                    continue
                 t0 = time.time()
                 value = ppl(lm_cls, model, os.path.join(work, "cache"), ids, window, wcfg, ccfg, offload)
                 base = value if base is None else base
@@ -151,15 +215,18 @@ def main():
         probe_env.close_copy_threads()
         with open(os.path.join(REPO, "tests", "data", "sample.txt"), encoding="utf-8") as f:
             sample = tok.encode(f.read())
-        held = tok.encode(read(HELD_OUT))[:1024]
-        measure("smollm2-135m", LlamaLM, "smollm2-135m", [("sample.txt", sample), (HELD_OUT, held)], 128)
+        smollm2_weight_layouts(sample, 128, rows)
+        measure("smollm2-135m", LlamaLM, "smollm2-135m", [("sample.txt", sample)], 128, short=True,
+                cache_only=True)
 
     if args.only in (None, "tiny"):
-        held = list(read(HELD_OUT).encode("utf-8"))[:2048]
+        held = list(read(HELD_OUT).encode("utf-8"))[:args.held_out_bytes]
         for family, cls in (("opt", OptLM), ("llama", LlamaLM)):
-            print(f"training the tiny {family} ({args.steps} steps)", flush=True)
-            d = train_tiny(family, os.path.join(work, f"trained-{family}"), args.steps)
-            measure(f"trained-{family}", cls, d, [(HELD_OUT, held)], 128)
+            d = os.path.join(work, f"trained-{family}")
+            if not os.path.isfile(os.path.join(d, "config.json")):   # a kept --work folder has it
+                print(f"training the tiny {family} ({args.steps} steps)", flush=True)
+                train_tiny(family, d, args.steps)
+            measure(f"trained-{family}", cls, d, [(HELD_OUT, held)], 128, short=args.short)
 
     print()
     print("| model | text | layout | weight bits/value | cache bits/value | perplexity | change |")

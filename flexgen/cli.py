@@ -174,7 +174,7 @@ def default_grouping(args) -> dict:
     """{flag: (value, why)} for the three grouping flags: the user's value, else the default for
     this model (its GGUF's block layout, or the measured default)."""
     from .models.registry import is_gguf_model
-    gguf = is_gguf_model(args.model)
+    gguf = is_gguf_model(getattr(args, "model", None))
     wg, wd = GGUF_WEIGHT_GROUPING if gguf else DEFAULT_WEIGHT_GROUPING
     why = "the GGUF file's block layout" if gguf else "default"
     out = {}
