@@ -42,7 +42,63 @@ def positive_int_or_auto(v):
     return "auto" if v == "auto" else positive_int(v)
 
 
+# The flags of the original FlexGen's flex_opt (its own and its apps' scripts share them). argparse
+# takes a unique prefix for a flag; FlexGen's scripts rely on that (`--cpu` for --cpu-cache-compute,
+# `--debug` for --debug-mode), and the flags added here (--cpu-mem, --cpu-threads, --device ...)
+# would make those prefixes ambiguous. An abbreviation that named exactly one of these flags there
+# names it here too.
+FLEXGEN_FLAGS = ("--model", "--path", "--offload-dir", "--prompt-len", "--gen-len", "--cut-gen-len",
+                 "--debug-mode", "--gpu-batch-size", "--num-gpu-batches", "--percent", "--sep-layer",
+                 "--pin-weight", "--cpu-cache-compute", "--attn-sparsity", "--compress-weight",
+                 "--compress-cache", "--log-file", "--no-log", "--verbose", "--overlap")
+
+# The command line's compression layout when no grouping flag is given, chosen by measurement
+# (benchmarks/compression_accuracy.py, benchmarks/RESULTS.md): weights in groups of
+# DEFAULT_WEIGHT_GROUPING = (size, dim of the (out, in) matrix), the cache in groups of
+# DEFAULT_CACHE_GROUP along the head dim. A model read from a GGUF file keeps its own block layout
+# (32 values along the input dim), which re-quantises its already 4-bit blocks almost exactly.
+# The Python API keeps FlexGen's CompressionConfig defaults (64 along dim 0).
+DEFAULT_WEIGHT_GROUPING = (64, 1)
+GGUF_WEIGHT_GROUPING = (32, 1)
+DEFAULT_CACHE_GROUP = 64
+
+# The module each family's command line runs as (its usage line names it; `python3 -m` would
+# otherwise show `__main__`).
+ENTRY_POINTS = {"opt": "flexgen.flex_opt", "llama": "flexgen.flex_llama"}
+
+
+def expand_flexgen_abbreviations(argv, option_strings) -> list:
+    """argv with each abbreviation that argparse would find ambiguous among option_strings, but
+    that is a unique prefix of one of FLEXGEN_FLAGS, written out in full."""
+    out = list(argv)
+    for i, tok in enumerate(out):
+        if tok == "--":
+            break
+        if not (isinstance(tok, str) and tok.startswith("--") and len(tok) > 2):
+            continue
+        name, eq, value = tok.partition("=")
+        if name in option_strings or sum(o.startswith(name) for o in option_strings) < 2:
+            continue
+        theirs = [f for f in FLEXGEN_FLAGS if f.startswith(name)]
+        if len(theirs) == 1 and theirs[0] in option_strings:
+            out[i] = theirs[0] + eq + value
+    return out
+
+
+class FlexGenArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser that reads FlexGen's abbreviations as FlexGen did (see FLEXGEN_FLAGS)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(expand_flexgen_abbreviations(args, set(self._option_string_actions)),
+                                        namespace)
+
+
 def add_arguments(parser: argparse.ArgumentParser, default_model: str, default_path: str):
+    if type(parser) is argparse.ArgumentParser:
+        # Every app that shares these flags (completion, helm, data wrangling ...) builds a plain
+        # parser; make it read FlexGen's abbreviations too, so its scripts run unchanged.
+        parser.__class__ = FlexGenArgumentParser
     parser.add_argument("--model", type=str, default=default_model,
                         help="model name, local Hugging Face checkpoint directory, or .gguf file")
     parser.add_argument("--path", type=str, default=default_path,
@@ -52,7 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str, default_p
     parser.add_argument("--prompt-len", type=positive_int, default=512)
     parser.add_argument("--gen-len", type=positive_int, default=32)
     parser.add_argument("--cut-gen-len", type=positive_int, help="cut generation length for fast debugging")
-    parser.add_argument("--debug-mode", type=str, choices=["fewer_batch", "breakdown"])
+    parser.add_argument("--debug-mode", type=str, choices=["fewer_batch", "breakdown"],
+                        help="fewer_batch: time a few decode steps and project (FlexGen's shortcut); "
+                             "breakdown: print every step's latency")
     parser.add_argument("--gpu-batch-size", type=positive_int_or_auto, default=4, help="a number, or auto")
     parser.add_argument("--num-gpu-batches", type=positive_int_or_auto, default=1, help="a number, or auto")
     parser.add_argument("--percent", nargs="+", default=["100", "0", "100", "0", "100", "0"],
@@ -74,12 +132,17 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str, default_p
     parser.add_argument("--compress-weight", action="store_true", help="4-bit group-wise weight compression")
     parser.add_argument("--compress-cache", action="store_true", help="4-bit group-wise cache compression")
     parser.add_argument("--comp-bits", type=int, choices=[4, 8], default=4, help="bits per compressed value")
-    parser.add_argument("--comp-weight-group", type=positive_int, default=64,
-                        help="weight compression group size (FlexGen: 64)")
-    parser.add_argument("--comp-weight-dim", type=int, choices=[0, 1], default=0,
-                        help="weight matrix (out, in) dim the groups run along (FlexGen: 0; 1 matches GGUF blocks)")
-    parser.add_argument("--comp-cache-group", type=positive_int, default=64,
-                        help="KV cache compression group size, along the head dim (FlexGen: 64)")
+    # Unset grouping flags take the measured default (default_grouping); FlexGen's own layout is
+    # --comp-weight-group 64 --comp-weight-dim 0 --comp-cache-group 64.
+    parser.add_argument("--comp-weight-group", type=positive_int, default=None,
+                        help=f"weight compression group size (default {DEFAULT_WEIGHT_GROUPING[0]}, "
+                             f"a GGUF model's: {GGUF_WEIGHT_GROUPING[0]}; FlexGen: 64)")
+    parser.add_argument("--comp-weight-dim", type=int, choices=[0, 1], default=None,
+                        help=f"weight matrix (out, in) dim the groups run along (default {DEFAULT_WEIGHT_GROUPING[1]}, "
+                             f"a GGUF model's: {GGUF_WEIGHT_GROUPING[1]}; FlexGen: 0)")
+    parser.add_argument("--comp-cache-group", type=positive_int, default=None,
+                        help=f"KV cache compression group size, along the head dim (default {DEFAULT_CACHE_GROUP}; "
+                             "FlexGen: 64)")
     parser.add_argument("--log-file", type=str, default="auto")
     parser.add_argument("--no-log", action="store_true")
     parser.add_argument("--verbose", type=int, default=2)
@@ -113,6 +176,39 @@ def wants_auto(args) -> bool:
     return list(args.percent) == ["auto"]
 
 
+def default_grouping(args) -> dict:
+    """{flag: (value, why)} for the three grouping flags: the user's value, else the default for
+    this model (its GGUF's block layout, or the measured default)."""
+    from .models.registry import is_gguf_model
+    gguf = is_gguf_model(getattr(args, "model", None))
+    wg, wd = GGUF_WEIGHT_GROUPING if gguf else DEFAULT_WEIGHT_GROUPING
+    why = "the GGUF file's block layout" if gguf else "default"
+    out = {}
+    for name, default, reason in (("comp_weight_group", wg, why), ("comp_weight_dim", wd, why),
+                                  ("comp_cache_group", DEFAULT_CACHE_GROUP, "default")):
+        given = getattr(args, name, None)
+        out[name] = (given, "given") if given is not None else (default, reason)
+    return out
+
+
+def describe_compression(policy, args) -> str | None:
+    """The run header's compression line: bits and grouping in use, and where they came from."""
+    if not (policy.compress_weight or policy.compress_cache):
+        return None
+    g = default_grouping(args)
+    parts = []
+    if policy.compress_weight:
+        c = policy.comp_weight_config
+        whys = {g["comp_weight_group"][1], g["comp_weight_dim"][1]}
+        parts.append(f"weights {c.num_bits}-bit in groups of {c.group_size} along dim {c.group_dim} "
+                     f"({', '.join(sorted(whys))})")
+    if policy.compress_cache:
+        c = policy.comp_cache_config
+        parts.append(f"cache {c.num_bits}-bit in groups of {c.group_size} along the head dim "
+                     f"({g['comp_cache_group'][1]})")
+    return "compression: " + "; ".join(parts)
+
+
 def policy_from_args(args, gpu_batch_size=None, num_gpu_batches=None, percent=None) -> Policy:
     """The policy the flags spell; the arguments stand in for flags given as auto."""
     if percent is None:
@@ -129,14 +225,15 @@ def policy_from_args(args, gpu_batch_size=None, num_gpu_batches=None, percent=No
     ngb = num_gpu_batches or args.num_gpu_batches
     if "auto" in (gbs, ngb):
         raise PolicyError("--gpu-batch-size auto and --num-gpu-batches auto need --percent auto")
+    g = {name: value for name, (value, _) in default_grouping(args).items()}
     return Policy(gbs, ngb, *percent,
                   overlap=args.overlap, sep_layer=args.sep_layer, pin_weight=args.pin_weight,
                   cpu_cache_compute=args.cpu_cache_compute, attn_sparsity=args.attn_sparsity,
                   compress_weight=args.compress_weight,
-                  comp_weight_config=CompressionConfig(num_bits=args.comp_bits, group_size=args.comp_weight_group,
-                                                       group_dim=args.comp_weight_dim, symmetric=False),
+                  comp_weight_config=CompressionConfig(num_bits=args.comp_bits, group_size=g["comp_weight_group"],
+                                                       group_dim=g["comp_weight_dim"], symmetric=False),
                   compress_cache=args.compress_cache,
-                  comp_cache_config=CompressionConfig(num_bits=args.comp_bits, group_size=args.comp_cache_group,
+                  comp_cache_config=CompressionConfig(num_bits=args.comp_bits, group_size=g["comp_cache_group"],
                                                       group_dim=2, symmetric=False))
 
 
@@ -229,6 +326,8 @@ def run(args, lm_class, log_prefix: str):
 
     print(f"<{lm_class.__name__}> device: {env.device}, dtype: {str(env.compute_dtype).split('.')[-1]}, "
           f"{env.describe_parallel()}")
+    if describe_compression(policy, args):
+        print(describe_compression(policy, args))
     model = None
     try:
         with out_of_memory_as_error(family, policy, args, env):
@@ -447,8 +546,22 @@ def main_errors(fn, extra=()):
         sys.exit(130)
 
 
-def main(lm_class, default_model, default_path, log_prefix, argv=None):
-    parser = argparse.ArgumentParser(prog=f"python3 -m {lm_class.__module__}")
+# FlexGen's --debug-mode fewer_batch timed the prefill and a few decode layers, then projected the
+# decode latency to --gen-len (its log says `projected: True`). Here: the prefill and this many
+# decode steps, projected the same way.
+FEWER_BATCH_DECODE_STEPS = 2
+
+
+def build_parser(lm_class, default_model, default_path) -> argparse.ArgumentParser:
+    parser = FlexGenArgumentParser(prog=f"python3 -m {ENTRY_POINTS[lm_class.family_name]}")
     add_arguments(parser, default_model, default_path)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(lm_class, default_model, default_path, log_prefix, argv=None):
+    args = build_parser(lm_class, default_model, default_path).parse_args(argv)
+    if args.debug_mode == "fewer_batch" and args.cut_gen_len is None and args.gen_len > 1 + FEWER_BATCH_DECODE_STEPS:
+        args.cut_gen_len = 1 + FEWER_BATCH_DECODE_STEPS
+        print(f"--debug-mode fewer_batch: timing the prefill and {FEWER_BATCH_DECODE_STEPS} decode steps; "
+              f"decode latency projected to --gen-len {args.gen_len}")
     main_errors(lambda: run(args, lm_class, log_prefix))

@@ -73,7 +73,8 @@ class LM:
             raise weight_io.WeightsError(
                 f"no weights for {self.name}: {cache_dir} does not exist and there is no checkpoint to "
                 f"convert (pass a checkpoint directory as the model, or --path {DUMMY_MARK} for dummy weights)")
-        weight_io.convert_checkpoint(source, cache_dir)
+        expected = {f: shape for layer in self.layers for w in layer.weights for f, shape in w.files()}
+        weight_io.convert_checkpoint(source, cache_dir, expected=expected)
         return cache_dir
 
     def _source(self):

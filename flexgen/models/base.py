@@ -116,3 +116,19 @@ class ModelFamily:
 
     def hidden_bytes(self, batch: int, seq_len: int, itemsize: int = 2) -> int:
         return batch * seq_len * self.info().hidden_size * itemsize
+
+
+def require_sizes(d: dict, family: str, fields) -> dict:
+    """The size fields a family's config must have, as positive integers: {field: int}. A missing
+    or malformed one raises ValueError naming every such field (from_hf's callers add the file)."""
+    missing = [f for f in fields if d.get(f) is None]
+    if missing:
+        raise ValueError(f"the config lacks {', '.join(missing)}, which a {family} model needs")
+    out = {}
+    for f in fields:
+        v = d[f]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 1:
+            raise ValueError(f"config field {f} must be a positive integer, got {v!r}")
+        out[f] = int(v)
+    return out
+

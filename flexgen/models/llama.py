@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import LayerSpec, ModelFamily, ModelInfo, WeightSpec, stacked
+from .base import LayerSpec, ModelFamily, ModelInfo, WeightSpec, require_sizes, stacked
 
 
 @dataclass
@@ -63,7 +63,19 @@ class LlamaConfig:
             raise ValueError(f"{d.get('model_type', 'LLaMA')} activation {d.get('hidden_act')!r} is not "
                              "supported (only silu)")
         arch = hf_arch(d)
-        heads = d["num_attention_heads"]
+        n = require_sizes(d, "LLaMA", ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                       "intermediate_size", "vocab_size"))
+        heads = n["num_attention_heads"]
+        optional = {"num_key_value_heads": d.get("num_key_value_heads") or heads,
+                    "max_position_embeddings": d.get("max_position_embeddings", 2048)}
+        if d.get("head_dim") is not None:
+            optional["head_dim"] = d["head_dim"]
+        elif n["hidden_size"] % heads:
+            raise ValueError(f"hidden_size {n['hidden_size']} is not a multiple of num_attention_heads {heads}")
+        opt = require_sizes(optional, "LLaMA", tuple(optional))
+        if heads % opt["num_key_value_heads"]:
+            raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                             f"{opt['num_key_value_heads']}")
         pad = d.get("pad_token_id")
         if isinstance(pad, list):
             pad = pad[0] if pad else None
@@ -76,7 +88,7 @@ class LlamaConfig:
                 rope_scaling = params
         if pad is None and arch == "qwen2":   # Qwen2 configs name no pad; its tokenizer pads with <|endoftext|>
             pad = d.get("bos_token_id")
-        layers = d["num_hidden_layers"]
+        layers = n["num_hidden_layers"]
         window, window_layers = d.get("sliding_window"), None
         if arch == "qwen2":  # Qwen2's window applies only with use_sliding_window, to some layers
             types = d.get("layer_types")
@@ -89,11 +101,11 @@ class LlamaConfig:
         elif arch == "llama":
             window = None
         return dict(
-            name=name, num_hidden_layers=layers, hidden_size=d["hidden_size"],
-            n_head=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
-            intermediate_size=d["intermediate_size"], vocab_size=d["vocab_size"],
-            max_seq_len=d.get("max_position_embeddings", 2048), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta or 10000.0), rope_scaling=rope_scaling, head_dim_=d.get("head_dim"),
+            name=name, num_hidden_layers=layers, hidden_size=n["hidden_size"],
+            n_head=heads, num_key_value_heads=opt["num_key_value_heads"],
+            intermediate_size=n["intermediate_size"], vocab_size=n["vocab_size"],
+            max_seq_len=opt["max_position_embeddings"], rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta or 10000.0), rope_scaling=rope_scaling, head_dim_=opt.get("head_dim"),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
             qkv_bias=arch == "qwen2",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from .base import LayerSpec, ModelFamily, ModelInfo, WeightSpec, stacked
+from .base import LayerSpec, ModelFamily, ModelInfo, WeightSpec, require_sizes, stacked
 
 
 @dataclass
@@ -38,12 +38,20 @@ class OptConfig:
             raise ValueError(f"OPT activation {act!r} is not supported (only relu)")
         if not d.get("layer_norm_elementwise_affine", True):
             raise ValueError("OPT checkpoints without LayerNorm affine parameters are not supported")
-        hidden = d["hidden_size"]
+        n = require_sizes(d, "OPT", ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim",
+                                     "vocab_size"))
+        hidden = n["hidden_size"]
+        if hidden % n["num_attention_heads"]:
+            raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads "
+                             f"{n['num_attention_heads']}")
+        extra = require_sizes({"word_embed_proj_dim": d.get("word_embed_proj_dim") or hidden,
+                               "max_position_embeddings": d.get("max_position_embeddings", 2048)}, "OPT",
+                              ("word_embed_proj_dim", "max_position_embeddings"))
         return cls(
-            name=name, num_hidden_layers=d["num_hidden_layers"],
-            max_seq_len=d.get("max_position_embeddings", 2048), hidden_size=hidden,
-            n_head=d["num_attention_heads"], input_dim=d.get("word_embed_proj_dim") or hidden,
-            ffn_embed_dim=d["ffn_dim"], vocab_size=d["vocab_size"],
+            name=name, num_hidden_layers=n["num_hidden_layers"],
+            max_seq_len=extra["max_position_embeddings"], hidden_size=hidden,
+            n_head=n["num_attention_heads"], input_dim=extra["word_embed_proj_dim"],
+            ffn_embed_dim=n["ffn_dim"], vocab_size=n["vocab_size"],
             pad_token_id=_int_or(d.get("pad_token_id"), 1), bos_token_id=_int_or(d.get("bos_token_id"), 2),
             eos_token_id=_int_or(d.get("eos_token_id"), 2),
             do_layer_norm_before=d.get("do_layer_norm_before", True),
@@ -74,8 +82,8 @@ KNOWN_CONFIGS = {
     "opt-30b": _opt("opt-30b", 48, 7168, 56),
     "opt-66b": _opt("opt-66b", 64, 9216, 72),
     "opt-175b": _opt("opt-175b", 96, 12288, 96),
-    "opt-iml-max-30b": _opt("opt-iml-max-30b", 48, 7168, 56),
-    "opt-iml-30b": _opt("opt-iml-30b", 48, 7168, 56),
+    # one pipeline stage's share of OPT-175B (a quarter of its layers), as FlexGen's bench_suite runs it
+    "opt-175b-stage": _opt("opt-175b-stage", 24, 12288, 96),
     "galactica-30b": _opt("galactica-30b", 48, 7168, 56, vocab_size=50000, bos_token_id=0),
 }
 
@@ -83,9 +91,11 @@ KNOWN_CONFIGS = {
 def get_opt_config(name: str, **overrides) -> OptConfig:
     """FlexGen's helper: a known OPT config by name ("facebook/opt-30b" or "opt-30b")."""
     key = name.split("/")[-1].lower()
-    if key not in KNOWN_CONFIGS:
+    # OPT-IML (instruction-tuned) models have the shape of the OPT of the same size, as in FlexGen.
+    arch = key.replace("-iml-max", "").replace("-iml", "")
+    if arch not in KNOWN_CONFIGS:
         raise KeyError(name)
-    return dataclasses.replace(KNOWN_CONFIGS[key], **overrides)
+    return dataclasses.replace(KNOWN_CONFIGS[arch], name=key, **overrides)
 
 
 # ---- the math ---------------------------------------------------------------------------------

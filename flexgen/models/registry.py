@@ -44,17 +44,35 @@ class ResolvedModel:
 
 
 def _from_hf_dict(d: dict, name: str, source: str) -> ModelFamily:
+    """The family of a config dict read from source (config.json or a .gguf); a config that lacks
+    what its family needs, or holds nonsense, is a ModelNotFound naming source."""
+    if not isinstance(d, dict):
+        raise ModelNotFound(f"{source}: the config is a JSON {type(d).__name__}, not an object")
     archs = d.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
     model_type = d.get("model_type")
-    for arch in list(archs) + [MODEL_TYPES.get(model_type)]:
-        if arch in ARCHITECTURES:
-            fam, cfg_cls, fam_cls = ARCHITECTURES[arch]
-            try:
-                return fam_cls(cfg_cls.from_hf(d, name=name))
-            except (KeyError, TypeError, ValueError) as e:
-                raise ModelNotFound(f"{source}: unusable {arch} config: {e}") from None
-    raise ModelNotFound(f"{source}: architecture {archs or model_type} is not supported "
-                        f"(supported: {', '.join(ARCHITECTURES)})")
+    arch = next((a for a in list(archs) + [MODEL_TYPES.get(model_type)] if isinstance(a, str) and a in ARCHITECTURES),
+                None)
+    if arch is None:
+        raise ModelNotFound(f"{source}: architecture {archs or model_type} is not supported "
+                            f"(supported: {', '.join(ARCHITECTURES)})")
+    _, cfg_cls, fam_cls = ARCHITECTURES[arch]
+    try:
+        family = fam_cls(cfg_cls.from_hf(d, name=name))
+        family.info()       # derived sizes (head_dim ...) must work too
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        msg = str(e) if isinstance(e, ValueError) else f"malformed config ({type(e).__name__}: {e})"
+        raise ModelNotFound(f"{source}: {msg}") from None
+    return family
+
+
+def is_gguf_model(model) -> bool:
+    """Whether the model's weights come from a GGUF file (without reading it)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return False
+    m = os.fspath(model)
+    return m.lower() == EMBEDDED_DEFAULT or m.lower().endswith(".gguf")
 
 
 def resolve_model(model, family: str | None = None) -> ResolvedModel:
@@ -92,9 +110,9 @@ def _resolve_str(model: str, family: str | None) -> ResolvedModel:
             with open(cfg_path) as f:
                 d = json.load(f)
         except (OSError, ValueError) as e:
-            raise ModelNotFound(f"{cfg_path} cannot be read: {e}") from e
+            raise ModelNotFound(f"{cfg_path} cannot be read: {e}") from None
         name = os.path.basename(os.path.normpath(path))
-        return ResolvedModel(_from_hf_dict(d, name, path), name, path, None)
+        return ResolvedModel(_from_hf_dict(d, name, cfg_path), name, path, None)
     if model.startswith(("/", ".", "~")) or model.endswith(".gguf") or model.count("/") > 1:
         raise ModelNotFound(f"{model}: no such file or directory")
     for fam, entries in FAMILIES.items():

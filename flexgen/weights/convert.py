@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 
-from .gguf_file import count_tensors, gguf_config, iter_gguf_tensors, open_gguf
-from .numpy_cache import CacheWriter, WeightsError
+from .gguf_file import count_tensors, gguf_config, gguf_tensor_meta, iter_gguf_tensors, open_gguf
+from .numpy_cache import CacheWriter, WeightsError, reason
 
 # Non-parameter buffers some checkpoints carry; the engine recomputes them.
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", "position_ids")
@@ -30,7 +30,7 @@ def _hf_weight_files(d) -> list[str]:
                 with open(ipath) as f:
                     shards = sorted(set(json.load(f)["weight_map"].values()))
             except (OSError, ValueError, KeyError, AttributeError) as e:
-                raise WeightsError(f"cannot read shard index {ipath}: {e}") from None
+                raise WeightsError(f"cannot read shard index {ipath}: {reason(e)}") from None
             files = [os.path.join(d, s) for s in shards]
             missing = [s for s, f in zip(shards, files) if not os.path.isfile(f)]
             if missing:
@@ -57,7 +57,7 @@ def read_checkpoint_config(source) -> dict:
     except FileNotFoundError:
         raise WeightsError(f"no config.json in {source} (not a Hugging Face checkpoint directory)") from None
     except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot read {path}: {e}") from None
+        raise WeightsError(f"cannot read {path}: {reason(e)}") from None
     _hf_weight_files(source)  # fail now, not after the user waited for the model to be built
     return cfg
 
@@ -68,10 +68,19 @@ def _cache_name(key: str) -> str | None:
     return key[len("model."):] if key.startswith("model.") else key
 
 
+# Tensor metadata from a file's header, without reading its data: key -> (shape, dtype name, is float).
+_SAFETENSORS_FLOATS = {"F16", "BF16", "F32", "F64"}
+
+
 def _open_safetensors(path):
     from safetensors import safe_open
     f = safe_open(path, framework="pt")  # "pt" so bfloat16 checkpoints read too
-    return list(f.keys()), f.get_tensor
+    meta = {}
+    for key in f.keys():
+        sl = f.get_slice(key)
+        dtype = sl.get_dtype()
+        meta[key] = (tuple(sl.get_shape()), dtype, dtype in _SAFETENSORS_FLOATS)
+    return meta, f.get_tensor
 
 
 def _open_bin(path):
@@ -83,47 +92,72 @@ def _open_bin(path):
             raise
         sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict):
-        raise ValueError("not a state dict")
-    return list(sd.keys()), sd.__getitem__
+        raise ValueError(f"holds a {type(sd).__name__}, not a state dict")
+    meta = {k: ((tuple(t.shape), str(t.dtype).replace("torch.", ""), t.is_floating_point()) if torch.is_tensor(t)
+                else ((), type(t).__name__, False)) for k, t in sd.items()}
+    return meta, sd.__getitem__
 
 
-def _iter_hf_tensors(d):
+def check_tensors(expected: dict, present: dict, what: str) -> None:
+    """Every tensor the model needs is present, with its shape and a floating-point dtype.
+    expected: cache name -> shape; present: cache name -> (file, shape, dtype name, is float)."""
+    missing = [n for n in expected if n not in present]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise WeightsError(f"{what} lacks tensor {', '.join(missing[:3])}{more}, which its config needs")
+    for name, shape in expected.items():
+        file, got, dtype, is_float = present[name]
+        if tuple(got) != tuple(shape):
+            raise WeightsError(f"{file}: tensor {name} has shape {tuple(got)}, its config needs {tuple(shape)}")
+        if not is_float:
+            raise WeightsError(f"{file}: tensor {name} has dtype {dtype}, not a floating-point type")
+
+
+def _iter_hf_tensors(d, expected=None):
     """Yield (total, None, None) first, then (file, cache name, float16 array) per tensor."""
     import torch
-    opened = []
+    opened, present = [], {}
     for path in _hf_weight_files(d):
         try:
-            opened.append((path, *(_open_safetensors if path.endswith(".safetensors") else _open_bin)(path)))
+            meta, get = (_open_safetensors if path.endswith(".safetensors") else _open_bin)(path)
         except Exception as e:
-            raise WeightsError(f"checkpoint file {path} is truncated or corrupt: {e}") from None
-    yield sum(_cache_name(k) is not None for _, keys, _ in opened for k in keys), None, None
-    for path, keys, get in opened:
-        for key in keys:
+            raise WeightsError(f"checkpoint file {path} is truncated or corrupt: {reason(e)}") from None
+        opened.append((path, meta, get))
+        for key, (shape, dtype, is_float) in meta.items():
             name = _cache_name(key)
-            if name is None:
+            if name is not None and (name not in present or not present[name][3]):
+                present[name] = (path, shape, dtype, is_float)
+    if expected is not None:
+        check_tensors(expected, present, f"checkpoint {d}")
+    yield sum(_cache_name(k) is not None for _, meta, _ in opened for k in meta), None, None
+    for path, meta, get in opened:
+        for key, (_, _, is_float) in meta.items():
+            name = _cache_name(key)
+            if name is None or not is_float:
                 continue
             try:
-                t = get(key)
-                if not (torch.is_tensor(t) and t.is_floating_point()):
-                    continue
-                arr = t.to(torch.float16).numpy()
+                arr = get(key).to(torch.float16).numpy()
             except Exception as e:
                 raise WeightsError(f"checkpoint file {path} is truncated or corrupt "
-                                   f"(reading {key}): {e}") from None
+                                   f"(reading {key}): {reason(e)}") from None
             yield path, name, arr
 
 
-def convert_checkpoint(source, cache_dir, progress=True) -> None:
-    """Convert an HF checkpoint directory or a .gguf file into the numpy cache at cache_dir."""
+def convert_checkpoint(source, cache_dir, progress=True, expected: dict | None = None) -> None:
+    """Convert an HF checkpoint directory or a .gguf file into the numpy cache at cache_dir.
+    expected (cache name -> shape, what the model will read) is checked against the checkpoint's
+    headers before anything is written."""
     from tqdm.auto import tqdm
     source = str(source)
     read_checkpoint_config(source)  # validates the source before anything is written
     if _is_gguf(source):
         reader = open_gguf(source)
+        if expected is not None:
+            check_tensors(expected, gguf_tensor_meta(source, reader), f"GGUF file {source}")
         total = count_tensors(reader)
         tensors = ((source, n, w) for n, w in iter_gguf_tensors(source, reader))
     else:
-        tensors = _iter_hf_tensors(source)
+        tensors = _iter_hf_tensors(source, expected)
         total = next(tensors)[0]
     writer = CacheWriter(cache_dir, source)
     seen = set()

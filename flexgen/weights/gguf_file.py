@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from .numpy_cache import WeightsError
+from .numpy_cache import WeightsError, reason
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -62,7 +62,7 @@ def open_gguf(path):
     try:
         st = os.stat(path)
     except OSError as e:
-        raise WeightsError(f"cannot read GGUF file {path}: {e}") from None
+        raise WeightsError(f"cannot read GGUF file {path}: {reason(e)}") from None
     return _open_gguf(os.path.abspath(path), st.st_mtime_ns, st.st_size)
 
 
@@ -72,7 +72,7 @@ def _open_gguf(path, mtime_ns, size):
     try:
         return gguf.GGUFReader(path, "r")
     except Exception as e:
-        raise WeightsError(f"cannot read GGUF file {path}: {e}") from None
+        raise WeightsError(f"cannot read GGUF file {path}: {reason(e)}") from None
 
 
 def _field(reader, key, default=None):
@@ -98,12 +98,16 @@ def gguf_config(path, reader=None) -> dict:
         return _field(r, f"{arch}.{key}", default)
 
     hidden, heads = meta("embedding_length"), meta("attention.head_count")
-    if hidden is None or heads is None or meta("block_count") is None:
-        raise WeightsError(f"GGUF file {path} lacks the {arch} size metadata")
+    needed = ("embedding_length", "attention.head_count", "block_count", "feed_forward_length")
+    missing = [f"{arch}.{k}" for k in needed if meta(k) is None]
+    if missing:
+        raise WeightsError(f"GGUF file {path} lacks the metadata {', '.join(missing)}")
     names = {t.name: t for t in r.tensors}
     vocab = meta("vocab_size")
     if vocab is None:
         tokens = r.fields.get("tokenizer.ggml.tokens")
+        if tokens is None and "token_embd.weight" not in names:
+            raise WeightsError(f"GGUF file {path} has neither a vocabulary nor a token_embd.weight tensor")
         vocab = len(tokens.data) if tokens is not None else int(names["token_embd.weight"].shape[-1])
     hf_arch, model_type = _ARCHS[arch]
     experts = int(meta("expert_count", 0) or 0)
@@ -174,6 +178,20 @@ def expert_names(gguf_name: str, experts: int) -> list[str] | None:
             for e in range(experts)]
 
 
+def gguf_tensor_meta(path, reader) -> dict:
+    """HF name -> (file, HF-order shape, type name, usable) of the tensors the engine reads; usable
+    means a float or block-quantised type (not an integer tensor)."""
+    from gguf import GGMLQuantizationType as Q
+    ints = {getattr(Q, n) for n in ("I8", "I16", "I32", "I64") if hasattr(Q, n)}
+    out = {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is not None:
+            shape = tuple(int(d) for d in reversed(list(t.shape)))
+            out[name] = (path, shape, t.tensor_type.name, t.tensor_type not in ints)
+    return out
+
+
 def count_tensors(reader) -> int:
     experts = int(_field(reader, "llama.expert_count", 0) or 0)
     return sum(len(expert_names(t.name, experts) or []) or hf_name(t.name) is not None for t in reader.tensors)
@@ -198,7 +216,7 @@ def iter_gguf_tensors(path, reader=None):
             raise WeightsError(f"GGUF tensor {t.name} in {path} uses {t.tensor_type.name}, "
                                "which this gguf package cannot dequantize") from None
         except Exception as e:
-            raise WeightsError(f"cannot read tensor {t.name} from {path} (corrupt file?): {e}") from None
+            raise WeightsError(f"cannot read tensor {t.name} from {path} (corrupt file?): {reason(e)}") from None
         # GGUF lists dims innermost first; numpy gets them in HF's (out, in) order.
         expected = tuple(int(d) for d in reversed(list(t.shape)))
         if tuple(w.shape) != expected:

@@ -20,6 +20,16 @@ class WeightsError(Exception):
     """A user-facing problem with weights or checkpoints; the message is one line."""
 
 
+def reason(e: BaseException, limit: int = 240) -> str:
+    """A library's exception as one short line for a WeightsError: torch's weights-only unpickler
+    buries the cause under paragraphs of advice, so its own line is taken."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+    for i, line in enumerate(lines[:-1]):
+        if line.endswith("WeightsUnpickler error:"):
+            return f"not a plain state dict ({lines[i + 1]})"[:limit]
+    return lines[0][:limit]
+
+
 def cache_is_complete(cache_dir) -> bool:
     try:
         with open(os.path.join(cache_dir, MARKER)) as f:
@@ -39,10 +49,12 @@ def load_cached(cache_dir, name, shape) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:  # a bad header or a file shorter than its header says
-        raise WeightsError(f"weight file {name} in {cache_dir} is truncated or corrupt ({e})") from None
+        raise WeightsError(f"weight file {name} in {cache_dir} is truncated or corrupt ({reason(e)})") from None
     # np.load maps the file lazily; check the size so a short file fails here, not mid-generation.
     if not isinstance(arr, np.ndarray) or arr.offset + arr.nbytes > os.path.getsize(path):
         raise WeightsError(f"weight file {name} in {cache_dir} is truncated or corrupt")
+    if arr.dtype.kind != "f":
+        raise WeightsError(f"weight file {name} in {cache_dir} holds {arr.dtype}, not floating-point values")
     if tuple(arr.shape) != tuple(shape):
         raise WeightsError(f"weight {name} has shape {tuple(arr.shape)}, expected {tuple(shape)} "
                            "(checkpoint does not match the model config)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .numpy_cache import WeightsError
+from .numpy_cache import WeightsError, reason
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                     "spiece.model", "vocab.txt")
@@ -23,4 +23,4 @@ def load_tokenizer(source):
     try:
         return AutoTokenizer.from_pretrained(d, **kwargs)
     except Exception as e:
-        raise WeightsError(f"cannot load the tokenizer from {source}: {e}") from None
+        raise WeightsError(f"cannot load the tokenizer from {source}: {reason(e)}") from None
