@@ -183,12 +183,19 @@ def gguf_tensor_meta(path, reader) -> dict:
     means a float or block-quantised type (not an integer tensor)."""
     from gguf import GGMLQuantizationType as Q
     ints = {getattr(Q, n) for n in ("I8", "I16", "I32", "I64") if hasattr(Q, n)}
+    experts = int(_field(reader, f"{_field(reader, 'general.architecture')}.expert_count", 0) or 0)
     out = {}
     for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(list(t.shape)))
+        usable = t.tensor_type not in ints
+        stacked = expert_names(t.name, experts) if experts else None
+        if stacked:   # one 3-D tensor holds every expert of a layer: (experts, out, in)
+            for name in stacked:
+                out[name] = (path, shape[1:], t.tensor_type.name, usable)
+            continue
         name = hf_name(t.name)
         if name is not None:
-            shape = tuple(int(d) for d in reversed(list(t.shape)))
-            out[name] = (path, shape, t.tensor_type.name, t.tensor_type not in ints)
+            out[name] = (path, shape, t.tensor_type.name, usable)
     return out
 
 
