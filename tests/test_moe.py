@@ -2,10 +2,8 @@
 MixtralSparseMoeBlock, compression of experts (router kept), the memory and cost models'
 accounting (every expert's bytes, only the routed share of FLOPs), the known names and the CLI
 for the new families."""
-import math
 import os
 
-import numpy as np
 import pytest
 import torch
 
