@@ -323,7 +323,7 @@ def user_errors() -> tuple:
     return (PolicyError, ModelNotFound, WeightsError, GenerationError, DiskFullError)
 
 
-def choose_auto_policy(args, family, env):
+def choose_auto_policy(args, family, env, prompt_len=None, gen_len=None):
     """--percent auto: the performance model's best policy within this machine's free memory (or
     --gpu-mem/--cpu-mem/--disk-mem), printed as the equivalent explicit flags before the run."""
     from .optimizer.memory_model import GiB, MachineMemory, available_memory, policy_flags
@@ -337,7 +337,8 @@ def choose_auto_policy(args, family, env):
     gbs = None if args.gpu_batch_size == "auto" else args.gpu_batch_size
     ngb = None if args.num_gpu_batches == "auto" else args.num_gpu_batches
     try:
-        best = choose_policy(family, args.prompt_len, args.gen_len, limits, base=base, gpu_batch_size=gbs,
+        best = choose_policy(family, prompt_len or args.prompt_len, gen_len or args.gen_len, limits, base=base,
+                             gpu_batch_size=gbs,
                              num_gpu_batches=ngb)
     except NoPolicyFits:
         gpu = "no GPU" if limits.gpu is None else f"GPU {limits.gpu / GiB:.1f} GiB"
@@ -363,15 +364,22 @@ def lm_class_for(model):
     return LlamaLM
 
 
-def open_model(args, policy=None, need_tokenizer: bool = False):
+def open_model(args, policy=None, need_tokenizer: bool = False, workload=None):
     """(model, env) from the shared flags, for the apps (weights cached under --path, default: the
-    family's FlexGen default). The caller closes both: model.close(); env.close_copy_threads()."""
+    family's FlexGen default). With --percent auto the policy is chosen for `workload`
+    (prompt_len, gen_len; default the flags'). The caller closes both: model.close();
+    env.close_copy_threads()."""
+    from .models.registry import resolve_model
     from .weights import WeightsError
-    policy = policy or policy_from_args(args)
     cls = lm_class_for(args.model)
     path = args.path or DEFAULT_PATHS[cls.family_name]
     env = env_from_args(args)
     try:
+        if policy is None and wants_auto(args):
+            family = resolve_model(args.model, cls.family_name).family
+            prompt_len, gen_len = workload or (args.prompt_len, args.gen_len)
+            policy = choose_auto_policy(args, family, env, prompt_len, gen_len).policy
+        policy = policy or policy_from_args(args)
         lm = cls(args.model, env, path, policy, progress=args.verbose >= 1)
     except BaseException:
         env.close_copy_threads()

@@ -8,7 +8,7 @@ import numpy as np
 from .. import weights as weight_io
 from ..models.registry import resolve_model
 from .sampling import Sampler, SamplingParams
-from .schedule import BlockRunner, new_timings
+from .schedule import BlockResult, BlockRunner, new_timings
 from .weight_store import WeightStore
 
 DUMMY_MARK = "_DUMMY_"
@@ -149,6 +149,25 @@ class LM:
         results = self._run_blocks(ids, mask, cont.shape[1], sampler, None, None, want_logprobs=True, forced=cont)
         return np.concatenate([r.logprobs for r in results])
 
+    def run_rows(self, ids, mask, steps: int, params: SamplingParams, stop=None, logprobs: bool = False,
+                 top_logprobs: int = 0, score: bool = False) -> BlockResult:
+        """The request layer's entry: left-padded rows with their mask, `steps` tokens each, with
+        whatever the rows need recorded (generated-token logprobs, top-k alternatives, prompt
+        scores). One BlockResult for all rows (run in blocks of the policy)."""
+        ids = self._check_inputs(ids, steps)
+        mask = self._prompt_mask(ids, mask)
+        sampler = Sampler(params, self.env.device)
+        results = self._run_blocks(ids, mask, steps, sampler, self._stop_ids(stop), None,
+                                   want_logprobs=logprobs, top_logprobs=top_logprobs, score=score)
+        return BlockResult(**{name: np.concatenate([getattr(r, name) for r in results])
+                              for name in BlockResult.FIELDS if getattr(results[0], name) is not None})
+
+    def resize_batch(self, gpu_batch_size: int, num_gpu_batches: int) -> None:
+        """Run later blocks with another block shape (weights are placed per layer, not per batch,
+        so nothing is reloaded): the request layer's retry after running out of memory."""
+        self.policy = self.policy.replace(gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches)
+        self.runner.policy = self.policy
+
     def _run_blocks(self, ids, mask, steps, sampler, stop_ids, on_step, forced=None, **kw):
         """Run the prompts in blocks of gpu_batch_size x num_gpu_batches."""
         self.runner.timings = new_timings()
@@ -165,7 +184,7 @@ class LM:
                     part_forced = np.concatenate([part_forced, np.repeat(part_forced[:1], block - n, axis=0)])
             r = self.runner.run(part, part_mask, steps, sampler, stop_ids, self.info.pad_token_id, on_step,
                                 forced=part_forced, **kw)
-            for name in ("ids", "logprobs", "scores"):
+            for name in BlockResult.FIELDS:
                 if getattr(r, name) is not None:
                     setattr(r, name, getattr(r, name)[:n])
             results.append(r)

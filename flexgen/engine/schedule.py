@@ -75,15 +75,18 @@ class BlockRunner:
 
     # ---- one block of gpu_batch_size x num_gpu_batches sequences -----------------------------
     def run(self, ids: np.ndarray, prompt_mask: np.ndarray, max_new_tokens: int, sampler, stop_ids, pad_id: int,
-            on_step=None, want_logprobs: bool = False, score: bool = False, forced=None) -> "BlockResult":
+            on_step=None, want_logprobs: bool = False, score: bool = False, forced=None,
+            top_logprobs: int = 0) -> "BlockResult":
         """Generate max_new_tokens for one block. With score, the head also runs over every prompt
-        position and the log-probability of each prompt token given the ones before is returned."""
+        position and the log-probability of each prompt token given the ones before is returned
+        (with the argmax at each position, and the top_logprobs best alternatives when asked)."""
         env, p = self.env, self.policy
         B, s0 = ids.shape
         T = max_new_tokens
         gbs, ngb = p.gpu_batch_size, p.num_gpu_batches
         assert B == gbs * ngb
-        blk = _Block(env.device, ids, prompt_mask, T, sampler, stop_ids, pad_id, gbs, want_logprobs, score, forced)
+        blk = _Block(env.device, ids, prompt_mask, T, sampler, stop_ids, pad_id, gbs, want_logprobs, score, forced,
+                     top_logprobs)
         caches = {}
         for li, layer in enumerate(self.layers):
             if layer.kind == "attention":
@@ -283,14 +286,23 @@ def _cpu_rows(cache, seg, loaded, n):
 
 
 class BlockResult:
-    def __init__(self, ids, logprobs=None, scores=None):
-        self.ids, self.logprobs, self.scores = ids, logprobs, scores
+    """Numpy arrays of one block: ids (B, s0 + T); logprobs (B, T) of the generated tokens;
+    scores (B, s0) of the prompt tokens and score_argmax (B, s0) the model's best token at each
+    prompt position; top_ids / top_logprobs (B, T, k) and prompt_top_ids / prompt_top_logprobs
+    (B, s0, k) the k best alternatives."""
+    FIELDS = ("ids", "logprobs", "scores", "score_argmax", "top_ids", "top_logprobs", "prompt_top_ids",
+              "prompt_top_logprobs")
+
+    def __init__(self, **arrays):
+        for name in self.FIELDS:
+            setattr(self, name, arrays.get(name))
 
 
 class _Block:
     """The token buffer and per-sequence state of the block being generated."""
 
-    def __init__(self, dev, ids, prompt_mask, T, sampler, stop_ids, pad_id, gbs, want_logprobs, score, forced):
+    def __init__(self, dev, ids, prompt_mask, T, sampler, stop_ids, pad_id, gbs, want_logprobs, score, forced,
+                 top_k=0):
         B, s0 = ids.shape
         self.s0, self.gbs, self.pad_id, self.sampler = s0, gbs, pad_id, sampler
         self.out = torch.full((B, s0 + T), pad_id, dtype=torch.long, device=dev)
@@ -302,6 +314,16 @@ class _Block:
         self.logprobs = torch.zeros((B, T), dtype=torch.float32, device=dev) if want_logprobs else None
         self.score = score
         self.scores = torch.zeros((B, s0), dtype=torch.float32, device=dev) if score else None
+        self.score_argmax = torch.zeros((B, s0), dtype=torch.long, device=dev) if score else None
+        self.top_k = top_k
+        self.top = None
+        if top_k:  # (ids, logprobs) of the k best tokens at each generated / prompt position
+            self.top = (torch.zeros((B, T, top_k), dtype=torch.long, device=dev),
+                        torch.zeros((B, T, top_k), dtype=torch.float32, device=dev))
+        self.prompt_top = None
+        if top_k and score:
+            self.prompt_top = (torch.zeros((B, s0, top_k), dtype=torch.long, device=dev),
+                               torch.zeros((B, s0, top_k), dtype=torch.float32, device=dev))
         # Teacher forcing: the tokens to feed instead of sampling (their logprobs are recorded).
         self.forced = None if forced is None else torch.as_tensor(forced, dtype=torch.long, device=dev)
 
@@ -319,10 +341,19 @@ class _Block:
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             target = self.out[b0:b1, 1:self.s0, None]
             self.scores[b0:b1, 1:] = logp.gather(-1, target).squeeze(-1)
+            self.score_argmax[b0:b1, 1:] = logp.argmax(dim=-1)
+            if self.prompt_top is not None:
+                vals, idx = logp.topk(self.top_k, dim=-1)
+                self.prompt_top[0][b0:b1, 1:], self.prompt_top[1][b0:b1, 1:] = idx, vals
+            del logp
         last = logits[:, -1]
         ids = self.sampler(last) if self.forced is None else self.forced[b0:b1, step.i]
-        if self.logprobs is not None:  # log-probability under the model (temperature 1)
-            lp = torch.log_softmax(last, dim=-1).gather(-1, ids[:, None]).squeeze(-1)
+        if self.logprobs is not None or self.top is not None:  # under the model (temperature 1)
+            full = torch.log_softmax(last, dim=-1)
+            lp = full.gather(-1, ids[:, None]).squeeze(-1)
+            if self.top is not None:
+                vals, idx = full.topk(self.top_k, dim=-1)
+                self.top[0][b0:b1, step.i], self.top[1][b0:b1, step.i] = idx, vals
         if self.stop_t is not None:
             done = self.stopped[b0:b1]
             ids = torch.where(done, torch.full_like(ids, self.pad_id), ids)
@@ -335,4 +366,7 @@ class _Block:
 
     def result(self) -> BlockResult:
         cpu = lambda t: None if t is None else t.cpu().numpy()  # noqa: E731
-        return BlockResult(self.out.cpu().numpy(), cpu(self.logprobs), cpu(self.scores))
+        top, ptop = self.top or (None, None), self.prompt_top or (None, None)
+        return BlockResult(ids=cpu(self.out), logprobs=cpu(self.logprobs), scores=cpu(self.scores),
+                           score_argmax=cpu(self.score_argmax), top_ids=cpu(top[0]), top_logprobs=cpu(top[1]),
+                           prompt_top_ids=cpu(ptop[0]), prompt_top_logprobs=cpu(ptop[1]))
