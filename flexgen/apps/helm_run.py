@@ -48,14 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def with_model(description: str, model_name: str) -> str:
-    """The description with its model= (a HELM model, a group like `text`, or absent) set to ours."""
+def with_model(description: str, model_name: str, deployment: bool = False) -> str:
+    """The description with its model= (a HELM model, a group like `text`, or absent) set to ours;
+    with `deployment`, model_deployment= too (for run specs that name a deployment of their own)."""
     from helm.common.object_spec import parse_object_spec
     try:
         spec = parse_object_spec(description)
     except ValueError as e:
         raise HelmRunError(f"--description {description!r}: {e}") from None
     args = {**spec.args, "model": model_name}
+    if deployment:
+        args["model_deployment"] = model_name
     return f"{spec.class_name}:" + ",".join(f"{k}={v}" for k, v in args.items())
 
 
@@ -83,13 +86,20 @@ def run(args) -> list[str]:
     name = entries["model_deployments"][0]["name"]
     engine = Engine.install(name, args)
 
-    description = with_model(args.description, name)
     os.makedirs(args.output_path, exist_ok=True)
     set_benchmark_output_path(args.output_path)
+
+    def specs(deployment):
+        entry = RunEntry(description=with_model(args.description, name, deployment), priority=1, groups=None)
+        return run_entries_to_run_specs([entry], max_eval_instances=args.max_eval_instances,
+                                        num_train_trials=args.num_train_trials)
     try:
-        run_specs = run_entries_to_run_specs([RunEntry(description=description, priority=1, groups=None)],
-                                             max_eval_instances=args.max_eval_instances,
-                                             num_train_trials=args.num_train_trials)
+        try:
+            run_specs = specs(False)
+        except ValueError as e:   # a run spec with its own deployment (simple1): override that too
+            if "model deployment" not in str(e):
+                raise
+            run_specs = specs(True)
     except Exception as e:   # unknown scenario names, bad arguments: HELM's message
         raise HelmRunError(f"--description {args.description!r}: {type(e).__name__}: {e}") from None
     if not run_specs:

@@ -98,6 +98,11 @@ def _load_tokenizer(model, path, tokenizer):
         if source and os.path.exists(source):
             tok = load_tokenizer(source)
             if tok is not None:
+                if str(source).endswith(".gguf"):
+                    try:
+                        tok.save_pretrained(saved)
+                    except OSError:
+                        pass    # a read-only cache only costs time
                 return tok
     raise WeightsError(f"{model}: no tokenizer found offline; give --tokenizer (a HF directory, a .gguf file "
                        f"or a model name) to use a stand-in")
@@ -135,8 +140,9 @@ def to_generation_request(r: Request, tokenizer, seed: int, chat: bool = False) 
         prompt, chat = list(r.messages), True
     elif chat:
         prompt = r.prompt
-    else:
-        prompt = [int(t) for t in tokenizer.encode(r.prompt)]
+    else:   # a prompt HELM began with the prefix (BOS) token must not get a second one
+        bos = getattr(tokenizer, "bos_token", None)
+        prompt = [int(t) for t in tokenizer.encode(r.prompt, add_special_tokens=not (bos and r.prompt.startswith(bos)))]
     return GenerationRequest(prompt=prompt, max_new_tokens=r.max_tokens, temperature=float(r.temperature),
                              top_p=float(r.top_p), stop=tuple(s for s in r.stop_sequences if s),
                              n=r.num_completions, seed=seed, logprobs=True,
@@ -216,6 +222,14 @@ class Engine:
             return engine
 
     @classmethod
+    def close_all(cls):
+        """Close every engine and forget them (the next request opens a fresh one)."""
+        with cls._pool_lock:
+            for e in cls._pool.values():
+                e.close()
+            cls._pool.clear()
+
+    @classmethod
     def get(cls, name: str, model: str, flags) -> "Engine":
         with cls._pool_lock:
             if name not in cls._pool:
@@ -231,9 +245,9 @@ class Engine:
         if a.pad_to_seq_len:
             prompt_len = max(prompt_len, a.pad_to_seq_len)
         self.lm, self.env = open_model_for_requests(a, prompt_len, max(gen_len, 1), need_tokenizer=False)
-        if self.lm.tokenizer is None:        # dummy weights: decode with the stand-in
-            self.lm._tokenizer = self.tokenizer
-        self.runner = RequestRunner(self.lm, pad_to_seq_len=a.pad_to_seq_len, progress=a.verbose >= 1, log=self.log)
+        # HELM's tokenizer object, also for dummy weights (which have none): one tokenization.
+        self.runner = RequestRunner(self.lm, pad_to_seq_len=a.pad_to_seq_len, progress=a.verbose >= 1, log=self.log,
+                                    tokenizer=self.tokenizer)
         atexit.register(self.close)
 
     def close(self):
@@ -268,32 +282,26 @@ class Engine:
             todo.append(i)
             gen_requests.append(g)
         if gen_requests:
-            longest = max(len(g.prompt) if isinstance(g.prompt[0], int) else len(tok.encode(str(g.prompt)))
-                          for g in gen_requests)
             if self.lm is None:
                 t = time.time()
+                longest = max(len(g.prompt) if not isinstance(g.prompt, str) else len(tok.encode(g.prompt))
+                              for g in gen_requests)
                 self._open(longest, max(g.max_new_tokens for g in gen_requests))
                 self.stats["load_seconds"] += time.time() - t
-            max_len = self.lm.info.max_seq_len
-            ok = []
-            for i, g in zip(todo, gen_requests):
-                n = len(g.prompt) if isinstance(g.prompt[0], int) else 0
-                if n + g.max_new_tokens > max_len:
-                    results[i] = _failed(f"prompt of {n} tokens + max_tokens {g.max_new_tokens} exceeds the "
-                                         f"model's context of {max_len}")
-                else:
-                    ok.append((i, g))
+            before = dict(self.runner.stats)
             t0 = time.time()
-            outs = self.runner.generate([g for _, g in ok]) if ok else []
+            outs = self.runner.generate(gen_requests)
             seconds = time.time() - t0
             eos = self.lm.info.eos_token_id
             eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
-            for (i, _), out in zip(ok, outs):
-                results[i] = to_request_result(requests[i], out, tok, eos_ids, seconds / len(ok), t0, len(ok), seconds)
-                self.stats["prompt_tokens"] += out.prompt_len
-                self.stats["completion_tokens"] += out.completion_tokens
-            self.stats["requests"] += len(ok)
-            self.stats["seconds"] += seconds
+            for i, out in zip(todo, outs):
+                if out.error is not None:   # this request only (a prompt longer than the context, say)
+                    results[i] = _failed(out.error)
+                else:
+                    results[i] = to_request_result(requests[i], out, tok, eos_ids, seconds / len(outs), t0,
+                                                   len(outs), seconds)
+            for k in ("requests", "prompt_tokens", "completion_tokens", "seconds"):
+                self.stats[k] += self.runner.stats[k] - before[k]
         return results
 
 

@@ -70,18 +70,13 @@ def config_entries(model: str, flags: str = "", name: str | None = None, path: s
 
 
 def register(entries: dict):
-    """Register the entries with HELM in this process (as if read from --local-path)."""
-    import cattrs
-    from helm.benchmark.model_deployment_registry import ModelDeployments, register_model_deployment
-    from helm.benchmark.model_metadata_registry import ModelMetadataList, register_model_metadata
-    from helm.benchmark.tokenizer_config_registry import TokenizerConfigs, register_tokenizer_config
-    for m in cattrs.structure({"models": entries["model_metadata"]}, ModelMetadataList).models:
-        register_model_metadata(m)
-    for t in cattrs.structure({"tokenizer_configs": entries["tokenizer_configs"]}, TokenizerConfigs).tokenizer_configs:
-        register_tokenizer_config(t)
-    for d in cattrs.structure({"model_deployments": entries["model_deployments"]},
-                              ModelDeployments).model_deployments:
-        register_model_deployment(d)
+    """Register the entries with HELM in this process, through the very files and reader that
+    helm-run's --local-path uses."""
+    import tempfile
+    from helm.benchmark.config_registry import register_configs_from_directory
+    with tempfile.TemporaryDirectory(prefix="flexgen-helm-") as d:
+        write(entries, d)
+        register_configs_from_directory(d)
 
 
 _TOP_KEY = {"model_deployments": "model_deployments", "model_metadata": "models",
