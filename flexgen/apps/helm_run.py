@@ -73,7 +73,7 @@ def run(args) -> list[str]:
     from helm.common.hierarchical_logger import setup_default_logging
 
     from ..integrations import helm_config
-    from ..integrations.helm_client import Engine
+    from ..integrations.helm_client import Engine, engine_namespace
     from ..integrations.helm_runner import FlexGenRunner
 
     if args.verbose >= 2:
@@ -84,7 +84,7 @@ def run(args) -> list[str]:
     entries = helm_config.config_entries(args.model, name=args.name, path=args.path, tokenizer=args.tokenizer)
     helm_config.register(entries)
     name = entries["model_deployments"][0]["name"]
-    engine = Engine.install(name, args)
+    engine = Engine.install(name, engine_namespace(args))
 
     os.makedirs(args.output_path, exist_ok=True)
     set_benchmark_output_path(args.output_path)

@@ -56,10 +56,21 @@ def add_engine_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--cpu", dest="cpu_cache_compute", action="store_true", help=argparse.SUPPRESS)
 
 
-def parse_engine_flags(model: str, flags) -> argparse.Namespace:
-    from .. import cli
+def _engine_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexgen HELM deployment", add_help=False)
     add_engine_arguments(parser)
+    return parser
+
+
+def engine_namespace(args: argparse.Namespace) -> argparse.Namespace:
+    """Only the engine's flags of a larger command line (what decides whether an engine is reused)."""
+    dests = {a.dest for a in _engine_parser()._actions}
+    return argparse.Namespace(**{k: v for k, v in vars(args).items() if k in dests})
+
+
+def parse_engine_flags(model: str, flags) -> argparse.Namespace:
+    from .. import cli
+    parser = _engine_parser()
     argv = ["--model", model] + (shlex.split(flags) if isinstance(flags, str) else list(flags or []))
     try:
         return parser.parse_args(argv)

@@ -36,8 +36,10 @@ def config_entries(model: str, flags: str = "", name: str | None = None, path: s
     """{section: [entry]} for the three HELM config files. Reads the model's config and tokenizer
     (offline) for its context length and special tokens."""
     from ..models.registry import resolve_model
-    from .helm_client import model_tokenizer
+    from .helm_client import model_tokenizer, parse_engine_flags
     name = name or deployment_name(model)
+    if path is None:
+        path = parse_engine_flags(model, flags).path
     info = resolve_model(model).family.info()
     tok = model_tokenizer(model, path, tokenizer)
     tok_args = {"model": model}
@@ -46,7 +48,7 @@ def config_entries(model: str, flags: str = "", name: str | None = None, path: s
     if tokenizer:
         tok_args["tokenizer"] = tokenizer
     client_args = {"model": model, "flags": flags}
-    if path and "--path" not in flags:
+    if path and "--path" not in flags.split():
         client_args["flags"] = f"{flags} --path {path}".strip()
     # HELM's window service adds the prefix token to what it counts; the tokenizer adds it itself.
     prefix = tok.bos_token if tok.bos_token and tok.encode("a")[:1] == [tok.bos_token_id] else ""
