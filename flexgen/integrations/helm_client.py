@@ -30,7 +30,7 @@ from helm.common.request import (EMBEDDING_UNAVAILABLE_REQUEST_RESULT, ErrorFlag
                                  RequestResult, Token)
 from helm.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer, WrappedPreTrainedTokenizer
 
-from ..requests import GenerationRequest, GenerationResult, RequestRunner, open_model_for_requests
+from ..requests import CompletionOut, GenerationRequest, GenerationResult, RequestRunner, open_model_for_requests
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,9 @@ def _covering(tokenizer, ids, text) -> int:
 def to_request_result(r: Request, res: GenerationResult, tokenizer, eos_ids=(), seconds: float = 0.0,
                       started: float = 0.0, batch_size: int = 1, batch_seconds: float = 0.0) -> RequestResult:
     completions = []
-    for c in res.completions:
+    # max_tokens 0 with echo_prompt (scoring a prompt): one completion made of the prompt alone
+    outs = res.completions or [CompletionOut("", [], "length", []) for _ in range(max(r.num_completions, 1))]
+    for c in outs:
         gen = [_token(t) for t in (c.tokens or [])]
         keep = _covering(tokenizer, c.token_ids, c.text) if c.finish_reason == "stop" else len(gen)
         ended_by_eos = bool(c.token_ids) and c.token_ids[-1] in eos_ids and keep < len(c.token_ids)
