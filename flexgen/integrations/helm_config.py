@@ -51,11 +51,13 @@ def config_entries(model: str, flags: str = "", name: str | None = None, path: s
     if path and "--path" not in flags.split():
         client_args["flags"] = f"{flags} --path {path}".strip()
     # HELM's window service adds the prefix token to what it counts; the tokenizer adds it itself.
-    prefix = tok.bos_token if tok.bos_token and tok.encode("a")[:1] == [tok.bos_token_id] else ""
+    adds_bos = tok.bos_token_id is not None and tok.encode("a")[:1] == [tok.bos_token_id]
+    prefix = tok.bos_token if adds_bos else ""
     return {
         "model_deployments": [{
             "name": name, "model_name": name, "tokenizer_name": name,
-            "max_sequence_length": int(info.max_seq_len),
+            # HELM counts a prompt without the BOS token the engine's tokenizer adds: keep it room
+            "max_sequence_length": int(info.max_seq_len) - int(adds_bos),
             "client_spec": {"class_name": "flexgen.integrations.helm_client.FlexGenClient", "args": client_args},
         }],
         "model_metadata": [{
