@@ -44,7 +44,7 @@ def work(tmp_path_factory):
 
 def smol_flags(work):
     return ["--model", "smollm2-135m", "--path", str(work / "weights"), "--offload-dir", str(work / "off"),
-            "--device", "cpu", "--percent", "100", "0", "100", "0", "100", "0", "--gpu-batch-size", "4",
+            "--device", "cpu", "--percent", "100", "0", "100", "0", "100", "0", "--gpu-batch-size", "5",
             "--num-gpu-batches", "2", "--verbose", "0"]
 
 
@@ -54,8 +54,7 @@ def helm_runs(work):
     out = work / "benchmark_output"
     for desc in SCENARIOS:
         helm_run.main(["--description", desc, "--max-eval-instances", "10", "--output-path", str(out),
-                       "--suite", "flexgen", "--local-path", str(work / "prod_env_app"),
-                       "--pad-to-seq-len", "256"] + smol_flags(work))
+                       "--suite", "flexgen", "--local-path", str(work / "prod_env_app")] + smol_flags(work))
     return out / "runs" / "flexgen"
 
 
@@ -99,19 +98,33 @@ def test_helm_run_writes_runs_and_matches_transformers(helm_runs, hf_smol):
             assert (run_dir / f).is_file(), f"{run_dir / f} missing"
         states = load(run_dir, "scenario_state.json")["request_states"]
         assert len(states) == 10
-        scores = []
+        scores = {}
         for s in states:
             req = s["request"]
             ours = s["result"]["completions"][0]["text"]
             theirs = hf_greedy(tok, ref, req["prompt"], req["max_tokens"], req["stop_sequences"])
             assert ours == theirs, f"{desc}: {req['prompt'][-80:]!r}"
             golds = [r["output"]["text"] for r in s["instance"]["references"] if "correct" in r["tags"]]
-            scores.append(max(fns[metric](g, theirs) for g in golds))
-        stat = next(x for x in load(run_dir, "stats.json")
-                    if x["name"]["name"] == metric and x["name"].get("split") == "test"
-                    and "perturbation" not in x["name"])
-        assert stat["count"] == 10
-        assert stat["sum"] / stat["count"] == pytest.approx(np.mean(scores)), desc
+            scores[s["instance"]["id"]] = max(fns[metric](g, theirs) for g in golds)
+
+        def plain(x):
+            return x["name"]["name"] == metric and x["name"].get("split") == "test" and "perturbation" not in x["name"]
+        per_instance = {p["instance_id"]: next(x for x in p["stats"] if plain(x))["sum"]
+                        for p in load(run_dir, "per_instance_stats.json")}
+        assert per_instance == scores, desc
+        stat = next(x for x in load(run_dir, "stats.json") if plain(x))   # the mean over instances (one trial)
+        assert stat["sum"] / stat["count"] == pytest.approx(np.mean(list(scores.values()))), desc
+
+
+def test_helm_summarize_reads_the_runs(helm_runs):
+    import subprocess
+    import sys
+    out = helm_runs.parent.parent
+    p = subprocess.run([sys.executable, "-m", "helm.benchmark.presentation.summarize", "--suite", "flexgen",
+                        "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    runs = json.load(open(helm_runs / "runs.json"))
+    assert sorted(r["run_spec"]["name"] for r in runs) == sorted(n for n, _ in SCENARIOS.values())
 
 
 def test_helm_run_prints_a_summary(helm_runs, capsys, work):
@@ -179,7 +192,7 @@ def test_helm_run_plugin_path_gives_the_same_completions(helm_runs, work):
                                           "--local-path", str(prod_env), "--disable-cache", "-n", "4"] + extra)
         helm_run_cli(args)
         engine = Engine._pool[SMOL]
-        assert engine.args.gpu_batch_size == 4 and engine.args.path == str(work / "weights")
+        assert engine.args.gpu_batch_size == 5 and engine.args.path == str(work / "weights")
         run_name = SCENARIOS[desc][0]
         ours = {s["instance"]["id"]: s["result"]["completions"][0]["text"]
                 for s in load(work / "benchmark_output" / "runs" / suite / run_name, "scenario_state.json")[

@@ -110,11 +110,12 @@ def run(args) -> list[str]:
                            cache_instances_only=False, skip_completed_runs=False, exit_on_error=True)
     if args.run_path:
         runner.runs_path = args.run_path
+    before = dict(engine.stats)     # an engine kept from an earlier run in this process counts on
     t0 = time.time()
     runner.run_all(run_specs)
     wall = time.time() - t0
     run_dirs = [os.path.join(runner.runs_path, s.name) for s in run_specs]
-    print(summary(run_dirs, engine.stats, wall))
+    print(summary(run_dirs, {k: v - before[k] for k, v in engine.stats.items()}, wall))
     return run_dirs
 
 
