@@ -204,22 +204,25 @@ def test_helm_run_plugin_path_gives_the_same_completions(helm_runs, work):
 
 # ---- the adapter on a tiny float32 model ------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny(zoo, work):
+@pytest.fixture(scope="module", params=["llama-tiny-gqa", "opt-tiny"])
+def tiny(zoo, work, request):
+    """A tiny float32 checkpoint (a LLaMA with GQA, an OPT offloaded to CPU) with a byte-level tokenizer."""
     from test_apps import byte_tokenizer
-    ckpt = work / "llama-helm"
-    shutil.copytree(zoo.checkpoint("llama-tiny-gqa"), ckpt)
+    name = request.param
+    ckpt = work / f"{name}-helm"
+    shutil.copytree(zoo.checkpoint(name), ckpt)
     byte_tokenizer(ckpt)
+    percent = "100 0 100 0 100 0" if name.startswith("llama") else "50 50 0 100 100 0"
     args = parse_engine_flags(str(ckpt), f"--device cpu --path {work / 'tw'} --offload-dir {work / 'toff'} "
-                                         "--percent 100 0 100 0 100 0 --gpu-batch-size 2 --num-gpu-batches 2 "
+                                         f"--percent {percent} --gpu-batch-size 2 --num-gpu-batches 2 "
                                          "--verbose 0 --seed 7")
-    engine = Engine.install("flexgen/llama-helm", args)
-    yield engine, zoo.reference("llama-tiny-gqa"), engine.tokenizer
+    engine = Engine.install("flexgen/tiny-helm", args)
+    yield engine, zoo.reference(name), engine.tokenizer
     engine.close()
 
 
 def req(prompt, **kw):
-    return Request(model="flexgen/llama-helm", model_deployment="flexgen/llama-helm", prompt=prompt, **kw)
+    return Request(model="flexgen/tiny-helm", model_deployment="flexgen/tiny-helm", prompt=prompt, **kw)
 
 
 def log_softmax(ref, ids):

@@ -160,7 +160,7 @@ def to_generation_request(r: Request, tokenizer, seed: int, chat: bool = False) 
                              top_logprobs=max(int(r.top_k_per_token), 0), echo=r.echo_prompt, chat=chat)
 
 
-def _token(t, first_prompt_token=False) -> Token:
+def _token(t) -> Token:
     top: Dict[str, float] = {}
     for _, text, lp in t.top:
         top.setdefault(text, float(lp))    # best first: a text two ids share keeps the better one
