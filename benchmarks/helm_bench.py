@@ -4,7 +4,7 @@ beside the engine's own throughput on the very same requests without HELM.
     PYTHONPATH=. python3 benchmarks/helm_bench.py            # on the GPU machine; prints a table last
 
 MMLU's data cannot be downloaded on the device, so this writes MMLU-shaped CSV files (5 dev
-examples, --instances test questions, 4 choices; prompt lengths ~380-480 tokens) where HELM's
+examples, --instances test questions, 4 choices; prompt lengths ~385-465 tokens) where HELM's
 MMLU scenario looks for them (benchmark_output/scenarios/mmlu/data/), and runs the seed's command
 line unchanged but for data_augmentation=canonical (its perturbations need downloaded word lists):
 
@@ -45,7 +45,7 @@ def write_mmlu_shaped_data(data_dir: str, instances: int, seed: int = 0):
     def text(n):
         return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize()
 
-    for split, n, q_words in (("dev", 5, (45, 50)), ("test", instances, (20, 100))):
+    for split, n, q_words in (("dev", 5, (18, 22)), ("test", instances, (15, 70))):
         os.makedirs(os.path.join(data_dir, split), exist_ok=True)
         with open(os.path.join(data_dir, split, f"abstract_algebra_{split}.csv"), "w", newline="") as f:
             w = csv.writer(f)
