@@ -122,6 +122,8 @@ def main(argv=None):
           f"{helm_tokens / s['seconds']:.1f} |")
     print(f"| engine alone, same requests | {n} | {alone:.2f} | {n / alone:.3f} | {tokens / alone:.1f} |")
     print(f"| HELM overhead (1 - engine alone / HELM run) | | | | {100 * (1 - alone / helm_wall):.1f}% |")
+    print(f"| HELM's share of its run (1 - engine inside / HELM run) | | | | "
+          f"{100 * (1 - s['seconds'] / helm_wall):.1f}% |")
     Engine.close_all()
 
 
