@@ -82,7 +82,7 @@ def hf_greedy(tok, ref, prompt, max_tokens, stops):
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = ref.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.eos_token_id)
+                           pad_token_id=tok.eos_token_id, stop_strings=list(stops) or None, tokenizer=tok)
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     cuts = [text.find(s) for s in stops if s in text]
     return text[:min(cuts)] if cuts else text
