@@ -57,11 +57,41 @@ SCENARIOS = {
                                "--num-gpu-batches 4"),
     "V8": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 100 0 100 0 100 0 --gpu-batch-size 32 "
                                "--num-gpu-batches 2 --compress-weight"),
+    # issue 12: a LLaMA-3-70B-shaped model, policy chosen by the model under the same caps as P3
+    "L3A": ("flexgen.flex_llama", "--model meta-llama/Meta-Llama-3-70B --percent auto --gpu-batch-size auto "
+                                  "--num-gpu-batches auto --gpu-mem 24GiB --cpu-mem 110GiB"),
+    # issue 12: a fresh validation set for the cost model (LLaMA-3 shapes, >= 8 GPU batches,
+    # activations on the CPU, 4-bit weights and cache, CPU attention, hard GPU caps)
+    "N1": ("flexgen.flex_llama", "--model meta-llama/Meta-Llama-3-8B --percent 100 0 100 0 100 0 "
+                                 "--gpu-batch-size 32 --num-gpu-batches 1"),
+    "N2": ("flexgen.flex_llama", "--model meta-llama/Meta-Llama-3-8B --percent 0 100 100 0 100 0 "
+                                 "--gpu-batch-size 16 --num-gpu-batches 8"),
+    "N3": ("flexgen.flex_llama", "--model meta-llama/Meta-Llama-3-8B --percent 100 0 0 100 0 100 "
+                                 "--gpu-batch-size 32 --num-gpu-batches 4"),
+    "N4": ("flexgen.flex_llama", "--model meta-llama/Meta-Llama-3-8B --percent 50 50 50 50 100 0 "
+                                 "--gpu-batch-size 32 --num-gpu-batches 8 --compress-weight --compress-cache "
+                                 "--gpu-mem 12GiB"),
+    "N5": ("flexgen.flex_opt", "--model facebook/opt-13b --percent 100 0 0 100 100 0 --gpu-batch-size 48 "
+                               "--num-gpu-batches 2 --cpu-cache-compute --compress-cache"),
+    "N6": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 0 100 100 0 0 100 --gpu-batch-size 8 "
+                               "--num-gpu-batches 8"),
+    "N7": ("flexgen.flex_llama", "--model meta-llama/Meta-Llama-3-70B --percent 0 100 100 0 100 0 "
+                                 "--gpu-batch-size 8 --num-gpu-batches 3 --compress-weight"),
+    "N8": ("flexgen.flex_llama", "--model meta-llama/Meta-Llama-3-70B --percent 20 80 0 100 0 100 "
+                                 "--gpu-batch-size 16 --num-gpu-batches 8 --compress-weight --compress-cache "
+                                 "--gpu-mem 24GiB"),
+    "N9": ("flexgen.flex_opt", "--model facebook/opt-6.7b --percent 100 0 100 0 0 100 --gpu-batch-size 32 "
+                               "--num-gpu-batches 8"),
+    "N10": ("flexgen.flex_llama", "--model meta-llama/Meta-Llama-3-8B --percent 0 100 0 100 100 0 "
+                                  "--gpu-batch-size 32 --num-gpu-batches 2 --cpu-cache-compute"),
+    "N11": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 30 70 0 100 100 0 --gpu-batch-size 32 "
+                                "--num-gpu-batches 4 --compress-weight --compress-cache --gpu-mem 24GiB"),
     "V9": ("flexgen.flex_opt", "--model facebook/opt-13b --percent 0 100 50 50 100 0 --gpu-batch-size 24 "
                                "--num-gpu-batches 2"),
 }
 COMMON = "--path _DUMMY_ --prompt-len 512 --gen-len 32 --verbose 1"
-FIELDS = ["prefill latency", "decode latency", "total throughput", "decode throughput", "peak gpu mem"]
+FIELDS = ["prefill latency", "decode latency", "total throughput", "decode throughput", "peak gpu mem",
+          "peak gpu mem reserved"]
 PREDICTED = re.compile(r"predicted vs measured: prefill ([0-9.]+) / [0-9.]+ s, decode step ([0-9.]+) / ([0-9.]+) s, "
                        r"throughput ([0-9.]+) /")
 
@@ -111,14 +141,14 @@ def main():
         print(readable(text)[-4000:], flush=True)
         rows.append((sid, time.time() - t0, parse(text)))
     print(f"\n{'scenario':28} {'wall s':>6} {'prefill s':>9} {'decode s':>8} {'decode tok/s':>12} "
-          f"{'total tok/s':>11} {'GPU GB':>6} {'host GB':>7} | {'pred prefill':>12} {'pred step':>9} {'step':>7} "
+          f"{'total tok/s':>11} {'GPU GB':>6} {'resv GB':>7} {'host GB':>7} | {'pred prefill':>12} {'pred step':>9} {'step':>7} "
           f"{'pred tok/s':>10} {'err':>6}")
     for sid, wall, r in rows:
         f = lambda k, w=3: "-" if r[k] is None else f"{r[k]:.{w}f}"  # noqa: E731
         err = "-" if r["pred tput"] is None or not r["total throughput"] else \
             f"{100 * (r['pred tput'] / r['total throughput'] - 1):+.0f}%"
         print(f"{sid:28} {wall:6.0f} {f('prefill latency'):>9} {f('decode latency'):>8} "
-              f"{f('decode throughput'):>12} {f('total throughput'):>11} {f('peak gpu mem', 2):>6} {f('host GB', 1):>7} | "
+              f"{f('decode throughput'):>12} {f('total throughput'):>11} {f('peak gpu mem', 2):>6} {f('peak gpu mem reserved', 2):>7} {f('host GB', 1):>7} | "
               f"{f('pred prefill'):>12} {f('pred step', 4):>9} {f('step', 4):>7} {f('pred tput', 2):>10} {err:>6}")
 
 

@@ -13,6 +13,10 @@
 #   cpu-attn-packed  the microbenchmark over a 4-bit cache, and C30 with the cache packed (C30C)
 #   c30-profile the compute thread's Python hot spots in C30's prefill and decode steps
 #   c30-stages  C30 with attention and MLP as separate stages (the default) and as one, and C30C briefly
+#   cap12       issue 12 under a hard 24 GiB GPU cap (--gpu-mem, no PYTORCH_CUDA_ALLOC_CONF given): P3 and a
+#               LLaMA-3-70B-shaped model with --percent auto, to the end; then a forced policy that cannot
+#               fit (must end with one `error: out of GPU memory` line, exit 2)
+#   validate12  issue 12's fresh validation set N1-N11 (decode projected from 6 steps)
 # At most 8 files come back from $OUT: each part writes one; run logs stay in /tmp/benchlogs.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -70,6 +74,15 @@ for part in "$@"; do
       { timeout 90 python3 benchmarks/profile_step.py facebook/opt-30b 8 3 0 100 100 0 100 0 overlap compress-weight
         timeout 60 python3 benchmarks/profile_step.py facebook/opt-13b 32 2 100 0 100 0 100 0 overlap compress-cache
       } > "$OUT/kernels.txt" 2>&1; grep -E "^timings" "$OUT/kernels.txt" ;;
+    cap12)
+      timeout 120 python3 -m flexgen.flex_opt --model facebook/opt-6.7b --path _DUMMY_ --prompt-len 512 --gen-len 32 \
+        --percent 100 0 100 0 100 0 --gpu-batch-size 192 --num-gpu-batches 1 --gpu-mem 16GiB --force --no-log \
+        > "$OUT/oom12.txt" 2>&1; echo "exit status $?" >> "$OUT/oom12.txt"; grep -vE "it/s|tensor/s" "$OUT/oom12.txt" | tail -4
+      env -u PYTORCH_CUDA_ALLOC_CONF python3 benchmarks/bench.py P3 L3A --timeout 420 --out /tmp/benchlogs \
+        > "$OUT/cap12.txt" 2>&1; show "$OUT/cap12.txt"; grep -E "reserved" "$OUT/cap12.txt"; tail -3 "$OUT/cap12.txt" ;;
+    validate12)
+      bench N1 N2 N3 N4 N10 N5 N9 N6 N11 --timeout 120 --extra "--cut-gen-len 6" > "$OUT/validate12.txt" 2>&1
+      show "$OUT/validate12.txt" | grep -v "host memory held"; tail -12 "$OUT/validate12.txt" ;;
     *) echo "unknown part: $part" ;;
   esac
 done

@@ -1,4 +1,4 @@
-"""Profile one generate() call of a dummy model: Python hot spots (cProfile) and kernels
+"""Profile one generate() call of a dummy model (any family): Python hot spots (cProfile) and kernels
 (torch.profiler). Usage: PYTHONPATH=. python3 benchmarks/profile_step.py facebook/opt-6.7b 8 1 100 0 100 0 100 0
 [overlap] [compress-weight] [compress-cache] [cpu-cache-compute] [prefill] [no-kernels]
 prefill: first the hot spots of a prefill alone (generate of one token, reusing the warm-up's
@@ -11,7 +11,8 @@ import tempfile
 import numpy as np
 import torch
 
-from flexgen.flex_opt import ExecutionEnv, OptLM, Policy
+from flexgen.cli import lm_class_for
+from flexgen.flex_opt import ExecutionEnv, Policy
 
 model, gbs, ngb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 pct = [float(x) for x in sys.argv[4:10]]
@@ -19,7 +20,7 @@ flags = set(sys.argv[10:])
 env = ExecutionEnv.create(tempfile.mkdtemp())
 policy = Policy(gbs, ngb, *pct, overlap="overlap" in flags, compress_weight="compress-weight" in flags,
                 compress_cache="compress-cache" in flags, cpu_cache_compute="cpu-cache-compute" in flags)
-lm = OptLM(model, env, "_DUMMY_", policy, progress=False)
+lm = lm_class_for(model)(model, env, "_DUMMY_", policy, progress=False)
 ids = np.random.default_rng(0).integers(100, 1000, size=(gbs * ngb, 512))
 # with `prefill`, the warm-up's cache has the prefill-alone call's shape: that call reuses its host memory
 lm.generate(ids, max_new_tokens=1 if "prefill" in flags else 2)

@@ -3,6 +3,7 @@ prompts), and FlexGen's benchmark block."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import sys
@@ -59,8 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str, default_p
                              "(the rest of each goes to disk); or auto: the performance model picks the "
                              "policy (and compression, CPU attention) that fits --gpu-mem/--cpu-mem/--disk-mem")
     from .optimizer.memory_model import parse_size
-    parser.add_argument("--gpu-mem", type=parse_size, help="GPU memory for --percent auto (default: free now)")
-    parser.add_argument("--cpu-mem", type=parse_size, help="host memory for --percent auto (default: available)")
+    parser.add_argument("--gpu-mem", type=parse_size,
+                        help="hard cap on the GPU memory this run takes, as on a smaller card; the budget "
+                             "of the memory check and --percent auto (default: free now)")
+    parser.add_argument("--cpu-mem", type=parse_size,
+                        help="cap on the host memory of the CPU tier (weights, cache, activations, staging); "
+                             "the budget of the memory check and --percent auto (default: available)")
     parser.add_argument("--disk-mem", type=parse_size, help="disk for --percent auto (default: free in offload dir)")
     parser.add_argument("--sep-layer", type=str2bool, nargs="?", const=True, default=True)
     parser.add_argument("--pin-weight", type=str2bool, nargs="?", const=True, default=True)
@@ -100,7 +105,8 @@ def env_from_args(args) -> ExecutionEnv:
                                cpu_threads=getattr(args, "cpu_threads", None),
                                io_threads=getattr(args, "io_threads", None),
                                numa_node=getattr(args, "cpu_numa_node", None),
-                               numa_interleave=getattr(args, "cpu_numa_interleave", None))
+                               numa_interleave=getattr(args, "cpu_numa_interleave", None),
+                               gpu_mem=getattr(args, "gpu_mem", None), cpu_mem=getattr(args, "cpu_mem", None))
 
 
 def wants_auto(args) -> bool:
@@ -204,10 +210,13 @@ def run(args, lm_class, log_prefix: str):
         raise GenerationError(f"--prompt-len {args.prompt_len} + --gen-len {args.gen_len} exceeds the model's "
                               f"context of {info.max_seq_len} positions")
     env = env_from_args(args)
-    chosen = None
+    chosen = profile = None
     try:
+        if auto or args.verbose >= 1:   # measured before the model takes the memory the profile needs
+            from .profile import profile_for_run
+            profile = profile_for_run(env.offload_dir)
         if auto:
-            chosen = choose_auto_policy(args, family, env)
+            chosen = choose_auto_policy(args, family, env, profile=profile)
             policy = chosen.policy
         if not args.force:
             preflight(family, policy, args.prompt_len, args.gen_len, env)
@@ -222,7 +231,8 @@ def run(args, lm_class, log_prefix: str):
           f"{env.describe_parallel()}")
     model = None
     try:
-        model = lm_class(args.model, env, args.path, policy, progress=args.verbose >= 1)
+        with out_of_memory_as_error(family, policy, args, env):
+            model = lm_class(args.model, env, args.path, policy, progress=args.verbose >= 1)
         inputs, mask, tok = make_inputs(model, args, num_prompts)
         fam = model.family
         cache_size = fam.cache_bytes(num_prompts, args.prompt_len + gen_len)
@@ -233,15 +243,17 @@ def run(args, lm_class, log_prefix: str):
 
         print("warmup - generate")
         warm = min(32, args.prompt_len)
-        model.generate(inputs[:, -warm:], max_new_tokens=1, attention_mask=mask[:, -warm:])
+        with out_of_memory_as_error(family, policy, args, env):
+            model.generate(inputs[:, -warm:], max_new_tokens=1, attention_mask=mask[:, -warm:])
         if env.is_cuda:
             torch.cuda.reset_peak_memory_stats(env.device)
         print("benchmark - generate")
         # A chat turn ends at the end-of-turn token; benchmark runs generate all gen_len tokens.
         stop = model.info.eos_token_id if args.chat else None
-        output_ids = model.generate(inputs, max_new_tokens=gen_len, debug_mode=args.debug_mode,
-                                    cut_gen_len=cut_gen_len, verbose=args.verbose, attention_mask=mask,
-                                    stop=stop)
+        with out_of_memory_as_error(family, policy, args, env):
+            output_ids = model.generate(inputs, max_new_tokens=gen_len, debug_mode=args.debug_mode,
+                                        cut_gen_len=cut_gen_len, verbose=args.verbose, attention_mask=mask,
+                                        stop=stop)
         t = model.timings
         prefill_latency = sum(t["prefill"])
         prefill_throughput = num_prompts * args.prompt_len / prefill_latency
@@ -273,14 +285,18 @@ def run(args, lm_class, log_prefix: str):
             filename = get_filename(args, log_prefix) + ".log" if args.log_file == "auto" else args.log_file
             with open(filename, "a") as f:
                 f.write(log_str + "\n")
+        if args.verbose >= 1 and env.is_cuda:
+            from .optimizer.memory_model import estimate_memory
+            est = estimate_memory(family, policy, args.prompt_len, gen_len, True)
+            print(f"peak gpu mem reserved: {torch.cuda.max_memory_reserved(env.device) / GB:.3f} GB (allocated "
+                  f"{gpu_peak_mem / GB:.3f} GB; memory model {est.gpu / GB:.3f} GB"
+                  f"{f', cap {env.gpu_cap / GB:.3f} GB' if env.gpu_cap else ''})")
         if args.verbose >= 1:
             print(f"peak host mem (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f} GB")
             print(f"peak host mem held (CPU tier + staging): {env.host_bytes.describe(peak=True)}")
             print(log_str)
-        pr = chosen.prediction if chosen is not None else predict_policy(family, policy, args, env)
-        if args.verbose >= 1 and pr is None:
-            print("predicted vs measured: no profile of this machine (python3 -m flexgen.profile makes one)")
-        elif args.verbose >= 1:
+        if args.verbose >= 1:
+            pr = chosen.prediction if chosen is not None else predict_policy(family, policy, args, env, profile)
             print(f"predicted vs measured: prefill {pr.prefill_s:.3f} / {prefill_latency:.3f} s, decode step "
                   f"{pr.decode_step_s:.4f} / {decode_latency / max(gen_len - 1, 1):.4f} s, throughput "
                   f"{pr.throughput:.3f} / {total_throughput:.3f} token/s")
@@ -298,16 +314,44 @@ def run(args, lm_class, log_prefix: str):
         env.close_copy_threads()  # also removes this run's offload files
 
 
-def predict_policy(family, policy, args, env):
+@contextlib.contextmanager
+def out_of_memory_as_error(family, policy, args, env, prompt_len=None, gen_len=None):
+    """Running out of GPU, pinned or pageable host memory ends the run with one error naming
+    which, and a policy that should fit: one whose predicted use of that memory is 3/4 of this
+    policy's (the prediction fell short by an unknown amount, at least the rest of the budget)."""
+    from .memory.oom import OutOfMemory, first_line, is_out_of_memory, which_memory
+    try:
+        yield
+    except OutOfMemory:
+        raise
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        import gc
+        from .optimizer.memory_model import (MachineMemory, available_memory, estimate_memory, policy_flags,
+                                             suggest_policy)
+        what = which_memory(e)
+        gc.collect()
+        if env.is_cuda:
+            torch.cuda.empty_cache()
+        pl, gl = prompt_len or args.prompt_len, gen_len or args.gen_len
+        est = estimate_memory(family, policy, pl, gl, env.is_cuda)
+        mem = available_memory(env)
+        if what == "GPU":
+            mem = MachineMemory(int(est.gpu * 0.75 / 0.95), mem.host, mem.disk)
+        else:
+            mem = MachineMemory(mem.gpu, int(est.host() * 0.75 / 0.95), mem.disk)
+        fit = suggest_policy(family, policy, pl, gl, env.is_cuda, mem)
+        hint = f"a policy that should fit: {policy_flags(fit)}" if fit not in (None, policy) else \
+            "no smaller placement was found; offload more to disk or use a smaller model"
+        raise OutOfMemory(f"out of {what} memory with {policy_flags(policy)} ({first_line(e)}); {hint}") from None
+
+
+def predict_policy(family, policy, args, env, profile):
     """The performance model's prediction for an explicit policy, printed beside the measurement so
-    every run checks the model: from this machine's profile, else (on a GPU) the built-in H100
-    figures; None on a CPU-only machine without a profile (the built-in figures are a GPU's)."""
-    from .optimizer.cost_model import DEFAULT_PROFILE, Workload, predict
-    from .profile import load_profile
-    profile = load_profile()
-    if profile is None and not env.is_cuda:
-        return None
-    return predict(family, Workload(args.prompt_len, args.gen_len), policy, profile or DEFAULT_PROFILE,
+    every run checks the model."""
+    from .optimizer.cost_model import Workload, predict
+    return predict(family, Workload(args.prompt_len, args.gen_len), policy, profile,
                    is_cuda=env.is_cuda, cpu_threads=env.cpu_threads)
 
 
@@ -318,27 +362,29 @@ def user_errors() -> tuple:
     """The exceptions that carry a message for the user: one `error:` line, exit status 2."""
     from .engine.generate import GenerationError
     from .memory.disk import DiskFullError
+    from .memory.oom import OutOfMemory
     from .models.registry import ModelNotFound
     from .weights import WeightsError
-    return (PolicyError, ModelNotFound, WeightsError, GenerationError, DiskFullError)
+    return (PolicyError, ModelNotFound, WeightsError, GenerationError, DiskFullError, OutOfMemory)
 
 
-def choose_auto_policy(args, family, env, prompt_len=None, gen_len=None):
+def choose_auto_policy(args, family, env, prompt_len=None, gen_len=None, profile=None):
     """--percent auto: the performance model's best policy within this machine's free memory (or
     --gpu-mem/--cpu-mem/--disk-mem), printed as the equivalent explicit flags before the run."""
     from .optimizer.memory_model import GiB, MachineMemory, available_memory, policy_flags
     from .optimizer.search import NoPolicyFits, choose_policy
 
-    free = available_memory(env)
-    limits = MachineMemory(args.gpu_mem if args.gpu_mem is not None and env.is_cuda else free.gpu,
-                           args.cpu_mem if args.cpu_mem is not None else free.host,
-                           args.disk_mem if args.disk_mem is not None else free.disk)
+    free = available_memory(env)   # within --gpu-mem / --cpu-mem, which the environment enforces
+    limits = MachineMemory(free.gpu, free.host, args.disk_mem if args.disk_mem is not None else free.disk)
     base = policy_from_args(args, gpu_batch_size=1, num_gpu_batches=1, percent=[100, 0, 100, 0, 100, 0])
     gbs = None if args.gpu_batch_size == "auto" else args.gpu_batch_size
     ngb = None if args.num_gpu_batches == "auto" else args.num_gpu_batches
+    if profile is None:
+        from .profile import profile_for_run
+        profile = profile_for_run(env.offload_dir)
     try:
-        best = choose_policy(family, prompt_len or args.prompt_len, gen_len or args.gen_len, limits, base=base,
-                             gpu_batch_size=gbs,
+        best = choose_policy(family, prompt_len or args.prompt_len, gen_len or args.gen_len, limits,
+                             profile=profile, base=base, gpu_batch_size=gbs,
                              num_gpu_batches=ngb)
     except NoPolicyFits:
         gpu = "no GPU" if limits.gpu is None else f"GPU {limits.gpu / GiB:.1f} GiB"
@@ -346,9 +392,7 @@ def choose_auto_policy(args, family, env, prompt_len=None, gen_len=None):
                           f"{limits.host / GiB:.1f} GiB, disk {limits.disk / GiB:.1f} GiB, even 4-bit and "
                           f"fully offloaded with a GPU batch of 1") from None
     p = best.policy
-    from .profile import load_profile
-    source = "this machine's profile" if load_profile() else "the built-in H100 profile (run python3 -m flexgen.profile)"
-    print(f"auto policy ({source}): {policy_flags(p)}{' --cpu-cache-compute' if p.cpu_cache_compute else ''}; "
+    print(f"auto policy (this machine's profile): {policy_flags(p)}{' --cpu-cache-compute' if p.cpu_cache_compute else ''}; "
           f"predicted {best.prediction.throughput:.2f} token/s (prefill {best.prediction.prefill_s:.3f} s, "
           f"decode step {best.prediction.decode_step_s:.4f} s)")
     return best

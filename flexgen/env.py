@@ -37,6 +37,7 @@ import torch
 from .memory import host_memory
 from .memory.disk import DiskTensor
 from .memory.numa import NumaPlacement
+from .memory.oom import HostMemoryCapExceeded
 from .memory.placement import Staging
 from .parallel import ThreadSplit, policy_uses_disk, resolve_threads
 from .policy import PolicyError
@@ -47,14 +48,20 @@ class HostBytes:
     (an allocation stops counting when its tensor is freed) and the peak, pinned and pageable
     apart."""
 
-    def __init__(self):
+    def __init__(self, cap: int | None = None):
         self._lock = threading.Lock()
         self.live = {True: 0, False: 0}
         self.peak = {True: 0, False: 0}
+        self.cap = cap      # --cpu-mem: the CPU tier never holds more than this
 
     def hold(self, n: int, pinned: bool):
-        """Count n bytes as held; returns the call that stops counting them."""
+        """Count n bytes as held; returns the call that stops counting them. Past the cap:
+        HostMemoryCapExceeded, and nothing is counted."""
         with self._lock:
+            if self.cap is not None and self.live[True] + self.live[False] + n > self.cap:
+                raise HostMemoryCapExceeded(
+                    f"host memory cap (--cpu-mem {self.cap / 2**30:.1f} GiB) reached: "
+                    f"{(self.live[True] + self.live[False]) / 2**30:.2f} GiB held, {n / 2**30:.2f} GiB more asked")
             self.live[pinned] += n
             self.peak[pinned] = max(self.peak[pinned], self.live[pinned])
         return functools.partial(self._sub, n, pinned)
@@ -78,21 +85,42 @@ class HostBytes:
 
 class ExecutionEnv:
     def __init__(self, device: torch.device, offload_dir: str, threads: ThreadSplit | None = None,
-                 numa: NumaPlacement | None = None):
+                 numa: NumaPlacement | None = None, gpu_mem: int | None = None, cpu_mem: int | None = None):
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
         self.offload_dir = offload_dir
+        self.gpu_cap = None
+        if gpu_mem is not None and self.is_cuda:
+            self._cap_gpu(gpu_mem)
         if threads is None:  # constructed directly: leave torch alone, one worker per pool
             threads = ThreadSplit(torch.get_num_threads(), 1, False, False, torch.get_num_threads())
         self.threads = threads
         self.numa = numa
-        self.host_bytes = HostBytes()
+        self.host_bytes = HostBytes(cpu_mem)
         self._staging = Staging(alloc=self._alloc_staging)
         self._pools = {}
         self._streams = {}
         self._lock = threading.Lock()
         self._disk_tensors = []
         self._spares = {}   # (bytes, pinned) -> [host memory a closed KV cache handed back]
+
+    def _cap_gpu(self, nbytes: int) -> None:
+        """A hard cap, as on a smaller card: PyTorch's allocator refuses to reserve past it."""
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        if nbytes > total:
+            raise PolicyError(f"--gpu-mem {nbytes / 2**30:.1f} GiB is more than this GPU has "
+                              f"({total / 2**30:.1f} GiB)")
+        torch.cuda.set_per_process_memory_fraction(nbytes / total, self.device)
+        self.gpu_cap = nbytes
+
+    def gpu_budget(self) -> int | None:
+        """GPU bytes this process may still take: free memory, or what the cap leaves."""
+        if not self.is_cuda:
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if self.gpu_cap is None:
+            return free
+        return max(0, min(free, self.gpu_cap - torch.cuda.memory_reserved(self.device)))
 
     @property
     def cpu_threads(self) -> int:
@@ -115,9 +143,12 @@ class ExecutionEnv:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def create(cls, offload_dir: str | None = None, device: str | None = None, cpu_threads=None,
-               io_threads=None, numa_node=None, numa_interleave=None) -> "ExecutionEnv":
+               io_threads=None, numa_node=None, numa_interleave=None, gpu_mem: int | None = None,
+               cpu_mem: int | None = None) -> "ExecutionEnv":
         """cpu_threads / io_threads: a positive int, "auto" or None (auto); numa_node: a node for
-        the CPU tier (bind); numa_interleave: "a,b" or a list of nodes. Bad values: PolicyError."""
+        the CPU tier (bind); numa_interleave: "a,b" or a list of nodes; gpu_mem / cpu_mem: hard
+        caps in bytes on the GPU memory this process takes and on its CPU tier. Bad values:
+        PolicyError."""
         threads = resolve_threads(cpu_threads, io_threads)
         numa = NumaPlacement.from_args(numa_node, numa_interleave)
         if device is None or device == "auto":
@@ -137,7 +168,7 @@ class ExecutionEnv:
         except OSError as e:
             raise PolicyError(f"offload dir {offload_dir} cannot be written: {e.strerror}") from e
         torch.set_num_threads(threads.cpu_threads)
-        return cls(dev, offload_dir, threads, numa)
+        return cls(dev, offload_dir, threads, numa, gpu_mem=gpu_mem, cpu_mem=cpu_mem)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -255,6 +286,10 @@ class ExecutionEnv:
                f"io threads: {t.io_threads}{' (auto)' if t.io_auto else ''} of {t.cores} cores")
         if self.numa is not None:
             out += f", cpu numa: {self.numa.describe()}"
+        if self.gpu_cap is not None:
+            out += f", gpu cap: {self.gpu_cap / 2**30:.1f} GiB"
+        if self.host_bytes.cap is not None:
+            out += f", cpu tier cap: {self.host_bytes.cap / 2**30:.1f} GiB"
         return out
 
     def synchronize(self):

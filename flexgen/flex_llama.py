@@ -1,5 +1,6 @@
-"""LLaMA-1/2/3 (and any LlamaForCausalLM checkpoint or LLaMA GGUF) with FlexGen's API and CLI:
-`python3 -m flexgen.flex_llama --model smollm2-135m`."""
+"""LLaMA-1/2/3 and its variants Qwen2/Qwen2.5, Mistral and Mixtral (any LlamaForCausalLM,
+Qwen2ForCausalLM, MistralForCausalLM or MixtralForCausalLM checkpoint, LLaMA or Qwen2 GGUF, or
+known name) with FlexGen's API and CLI: `python3 -m flexgen.flex_llama --model smollm2-135m`."""
 from .cli import main as _main
 from .engine.generate import LM
 from .env import ExecutionEnv
@@ -10,7 +11,8 @@ __all__ = ["LlamaLM", "Policy", "ExecutionEnv", "CompressionConfig", "LlamaConfi
 
 
 class LlamaLM(LM):
-    """LlamaLM(model, env, path, policy): a LLaMA name, a LlamaConfig, a checkpoint dir or a .gguf."""
+    """LlamaLM(model, env, path, policy): a known name, a LlamaConfig / MixtralConfig, a checkpoint
+    dir or a .gguf of the LLaMA family or its variants (the architecture is read from the config)."""
     family_name = "llama"
 
 

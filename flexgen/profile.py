@@ -47,6 +47,67 @@ def load_profile(path: str | None = None) -> dict | None:
         return json.load(f)
 
 
+def machine_fingerprint() -> dict:
+    """What makes a profile this machine's: GPU model and memory, CPU model, usable cores, memory."""
+    import torch
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = {"name": props.name, "mem_bytes": props.total_memory}
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"gpu": gpu, "cpu": cpu, "cores": cores, "mem_bytes": mem}
+
+
+def foreign_differences(prof: dict, here: dict | None = None) -> list[str]:
+    """How a saved profile's machine differs from this one ([] = same machine). Memory is
+    compared loosely: some VMs report more memory as it is touched."""
+    here = here or machine_fingerprint()
+    there = prof.get("machine") or {"gpu": prof.get("gpu") and {"name": prof["gpu"].get("name"),
+                                                                 "mem_bytes": prof["gpu"].get("mem_bytes")},
+                                    "cpu": None, "cores": (prof.get("cpu") or {}).get("cores"), "mem_bytes": None}
+    out = []
+    g0, g1 = there.get("gpu"), here["gpu"]
+    if bool(g0) != bool(g1) or (g0 and g1 and g0.get("name") != g1["name"]):
+        out.append(f"GPU {g0['name'] if g0 else 'none'} there, {g1['name'] if g1 else 'none'} here")
+    elif g0 and g1 and abs((g0.get("mem_bytes") or 0) - g1["mem_bytes"]) > 0.02 * g1["mem_bytes"]:
+        out.append(f"GPU memory {g0['mem_bytes'] / GiB:.0f} GiB there, {g1['mem_bytes'] / GiB:.0f} GiB here")
+    if there.get("cpu") and here["cpu"] and there["cpu"] != here["cpu"]:
+        out.append(f"CPU {there['cpu']} there, {here['cpu']} here")
+    if there.get("cores") and there["cores"] != here["cores"]:
+        out.append(f"{there['cores']} cores there, {here['cores']} here")
+    if there.get("mem_bytes") and not 0.5 < there["mem_bytes"] / here["mem_bytes"] < 2:
+        out.append(f"{there['mem_bytes'] / GiB:.0f} GiB of memory there, {here['mem_bytes'] / GiB:.0f} GiB here")
+    return out
+
+
+def profile_for_run(offload_dir: str | None = None, log=print) -> dict:
+    """This machine's profile for a prediction or --percent auto: the cached one when it was
+    measured here; otherwise this machine is measured now (and cached), and one line says so."""
+    path = default_profile_path()
+    prof = load_profile(path)
+    why = "no profile of this machine"
+    if prof is not None:
+        diff = foreign_differences(prof)
+        if not diff:
+            return prof
+        why = f"the cached profile {path} is another machine's ({'; '.join(diff)})"
+    import torch
+    prof = run_profile(offload_dir, quick=not torch.cuda.is_available())
+    save_profile(prof, path)
+    log(f"{why}: measured this machine in {prof['seconds']:.1f} s (saved to {path})")
+    return prof
+
+
 def _timeit(fn, reps: int, sync=None, budget_s: float = 2.0) -> float:
     """Best time of fn() over up to `reps` repeats (after one warm-up), stopping after budget_s."""
     fn()
@@ -228,6 +289,7 @@ def run_profile(offload_dir: str | None = None, quick: bool = False) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": quick,
         "torch": torch.__version__,
+        "machine": machine_fingerprint(),
         "gpu": profile_gpu(quick),
         "cpu": profile_cpu(quick),
         "disk": profile_disk(offload_dir, quick),

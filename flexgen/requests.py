@@ -21,6 +21,7 @@ import numpy as np
 
 from .engine.generate import GenerationError
 from .engine.sampling import SamplingParams
+from .memory.oom import OutOfMemory, first_line, is_out_of_memory, which_memory
 
 
 @dataclass
@@ -100,16 +101,6 @@ class ScoreResult:
     logprob: float                         # sum over the scored tokens
     is_greedy: bool                        # every scored token was the model's argmax
     num_tokens: int
-
-
-class OutOfMemory(RuntimeError):
-    """A block ran out of memory even with a GPU batch of 1 (message meant for the user)."""
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    import torch
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
 class RequestRunner:
@@ -288,12 +279,13 @@ class RequestRunner:
                 p = self.lm.policy
                 self._free_memory()
                 if p.gpu_batch_size == 1 and p.num_gpu_batches == 1:
-                    raise OutOfMemory(f"out of memory even with a GPU batch of 1 ({_first_line(e)}); "
-                                      "put more of the weights or cache off the GPU") from None
+                    raise OutOfMemory(f"out of {which_memory(e)} memory even with a GPU batch of 1 "
+                                      f"({first_line(e)}); put more of the weights or cache off the GPU "
+                                      "or on disk") from None
                 gbs, ngb = (p.gpu_batch_size // 2, p.num_gpu_batches) if p.gpu_batch_size > 1 else \
                     (1, p.num_gpu_batches // 2)
-                self.log(f"out of memory in a block of {p.gpu_batch_size} x {p.num_gpu_batches} "
-                         f"({_first_line(e)}); retrying with --gpu-batch-size {gbs} --num-gpu-batches {ngb}")
+                self.log(f"out of {which_memory(e)} memory in a block of {p.gpu_batch_size} x "
+                         f"{p.num_gpu_batches} ({first_line(e)}); retrying with --gpu-batch-size {gbs} --num-gpu-batches {ngb}")
                 self.stats["retries"] += 1
                 self.lm.resize_batch(gbs, ngb)
 
@@ -409,10 +401,6 @@ class RequestRunner:
         """Input + output tokens per second, as FlexGen reports its HELM and data-wrangling runs."""
         s = self.stats
         return (s["prompt_tokens"] + s["completion_tokens"]) / max(s["seconds"], 1e-9)
-
-
-def _first_line(e) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def open_model_for_requests(args, prompt_len: int, gen_len: int, need_tokenizer: bool = True):

@@ -37,12 +37,13 @@ def encode_prompts(tokenizer, prompts, chat: bool = False) -> list[list[int]]:
 
 def generate_text(lm, prompts, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop=None, chat: bool = False,
-                  logprobs: bool = False, stop_at_eos: bool = True, tokenizer=None) -> list[Completion]:
+                  logprobs: bool = False, stop_at_eos: bool = True, tokenizer=None, log=print) -> list[Completion]:
     """Completions for a list of strings, in input order (a thin layer over flexgen.requests).
 
     Prompts are sorted by token length and run in blocks of gpu_batch_size x num_gpu_batches, so a
     block pads its prompts only to the longest of similar lengths; each prompt's answer is what it
-    would get alone (greedy). temperature 0 means greedy."""
+    would get alone (greedy). temperature 0 means greedy. log: where a retry after running out of
+    memory is reported."""
     from .requests import GenerationRequest, RequestRunner
     tok = tokenizer or lm.tokenizer
     if tok is None:
@@ -52,7 +53,7 @@ def generate_text(lm, prompts, max_new_tokens: int = 32, do_sample: bool = False
                               seed=seed, stop=stop or (), chat=chat, logprobs=logprobs, stop_at_eos=stop_at_eos)
             for p in prompts]
     out = []
-    for r in RequestRunner(lm, progress=False, tokenizer=tok).generate(reqs):
+    for r in RequestRunner(lm, progress=False, tokenizer=tok, log=log).generate(reqs):
         if r.error is not None:
             raise GenerationError(r.error)
         c = r.completions[0]

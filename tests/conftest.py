@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import sys
 
 import pytest
@@ -27,6 +28,9 @@ def pytest_configure(config):
     # on a small shared CI machine, immune to the busy-waiting that makes two OpenMP threads crawl
     # when another process holds a core. FLEXGEN_TEST_THREADS overrides.
     torch.set_num_threads(int(os.environ.get("FLEXGEN_TEST_THREADS", "1")))
+    # One machine profile for the session (and the CLI runs it starts): the first run that needs a
+    # prediction measures this machine (quick on the CPU) and caches it there.
+    os.environ["FLEXGEN_PROFILE"] = os.path.join(tempfile.mkdtemp(prefix="flexgen-test-profile-"), "profile.json")
     config.addinivalue_line("markers", "gpu: needs a CUDA compute device (FLEXGEN_TEST_DEVICE=cuda)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     if DEVICE_TYPE == "cuda" and not torch.cuda.is_available():

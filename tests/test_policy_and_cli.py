@@ -273,9 +273,9 @@ def test_dummy_weights_need_no_checkpoint(tmp_path):
 
 # ---- the command line -----------------------------------------------------------------------------
 
-def run_cli(args, module="flexgen.flex_opt", cwd=None, timeout=180):
+def run_cli(args, module="flexgen.flex_opt", cwd=None, timeout=180, env=None):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
 

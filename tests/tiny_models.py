@@ -1,4 +1,5 @@
-"""Tiny random OPT and LLaMA checkpoints built with transformers, and the reference check.
+"""Tiny random OPT, LLaMA, Qwen2, Mistral and Mixtral checkpoints built with transformers, and the
+reference check.
 
 Every model is built from a fixed seed, its weights rounded to fp16 (the weight cache stores
 fp16, so the Hugging Face reference must run on exactly the same values) and saved with
@@ -57,10 +58,44 @@ SPECS = {
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                          max_position_embeddings=64, initializer_range=0.2,
                                          tie_word_embeddings=False)),
+    # Qwen2: biases on q, k, v (not o), GQA, rope theta 1e6
+    "qwen2-tiny": ("qwen2", dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 rms_norm_eps=1e-6, initializer_range=0.2, tie_word_embeddings=False,
+                                 rope_theta=1000000.0)),
+    # Qwen2 with tied embeddings and its sliding window on the layers from max_window_layers on
+    # (layer 0 full attention, layers 1-2 a window of 5)
+    "qwen2-tiny-tied-swa": ("qwen2", dict(vocab_size=320, hidden_size=64, intermediate_size=96,
+                                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=64, initializer_range=0.2,
+                                          tie_word_embeddings=True, use_sliding_window=True, sliding_window=5,
+                                          max_window_layers=1)),
+    # Qwen2 with SmolLM2's vocabulary (49152), for a real tokenizer and its ChatML chat template
+    "qwen2-tiny-chat": ("qwen2", dict(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      initializer_range=0.2, tie_word_embeddings=True, eos_token_id=2)),
+    # Mistral with a sliding window (4) shorter than the tests' prompts (10)
+    "mistral-tiny-swa": ("mistral", dict(vocab_size=320, hidden_size=64, intermediate_size=112,
+                                         num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+                                         max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.2,
+                                         tie_word_embeddings=False, sliding_window=4)),
+    # Mixtral: 6 experts, top-2, router rows scaled unevenly (ROUTER_SCALES) so routing is uneven
+    "mixtral-tiny": ("mixtral", dict(vocab_size=320, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     initializer_range=0.2, tie_word_embeddings=False, num_local_experts=6,
+                                     num_experts_per_tok=2)),
+    # Mixtral with top-3 of 4 experts and a sliding window of 6
+    "mixtral-tiny-swa": ("mixtral", dict(vocab_size=320, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+                                         initializer_range=0.2, tie_word_embeddings=False, num_local_experts=4,
+                                         num_experts_per_tok=3, sliding_window=6)),
 }
 
 OPT_MODELS = [n for n, (f, _) in SPECS.items() if f == "opt"]
 LLAMA_MODELS = [n for n, (f, _) in SPECS.items() if f == "llama"]
+# per-expert router biases (through a constant feature, see _skew_router): a few popular
+# experts, a few rarely chosen
+ROUTER_BIAS = (2.0, 1.0, 0.4, 0.0, -1.0, -2.0)
 
 
 def family_of(name: str) -> str:
@@ -68,11 +103,21 @@ def family_of(name: str) -> str:
 
 
 def _hf_classes(family):
-    if family == "opt":
-        from transformers import OPTConfig, OPTForCausalLM
-        return OPTConfig, OPTForCausalLM
-    from transformers import LlamaConfig, LlamaForCausalLM
-    return LlamaConfig, LlamaForCausalLM
+    import transformers
+    prefix = {"opt": "OPT", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "mixtral": "Mixtral"}[family]
+    return getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForCausalLM")
+
+
+def _skew_router(model):
+    """Route tokens unevenly: hidden feature 0 of every token embedding is set to 1 (it stays
+    positive along the residual stream), and each router's column 0 gets ROUTER_BIAS, so that
+    feature adds a per-expert bias to the router logits (Mixtral's router has no bias of its own)."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 1.0
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight") and p.dim() == 2:
+                n = p.shape[0]
+                p[:, 0] += torch.tensor((ROUTER_BIAS + (0.0,) * n)[:n])
 
 
 def _perturb_constants(model, seed):
@@ -94,6 +139,8 @@ def build_checkpoint(name: str, directory, seed: int = 0):
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
     _perturb_constants(model, seed)
+    if family == "mixtral":
+        _skew_router(model)
     model = model.half().float()  # the weight cache stores fp16: the reference uses the same values
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
@@ -150,7 +197,7 @@ def teacher_forced_logits(ref, family: str, out: np.ndarray, prompt_len: int, pa
     else:
         mask[:, :prompt_len] = torch.as_tensor(np.asarray(prompt_mask)).long()
     kwargs = dict(input_ids=ids, attention_mask=mask)
-    if family == "llama":
+    if family != "opt":
         kwargs["position_ids"] = (mask.cumsum(-1) * mask - 1).clamp(min=0)
     with torch.no_grad():
         return ref(**kwargs).logits.float()

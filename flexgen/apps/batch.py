@@ -36,7 +36,10 @@ from dataclasses import dataclass
 from ..cli import add_arguments, open_model, policy_from_args, positive_int, user_errors
 from ..engine.generate import GenerationError
 from ..models.registry import EMBEDDED_DEFAULT
+from ..requests import RequestRunner
 from ..text import encode_prompts, generate_text
+from .openai_batch import (OpenAIRequest, OpenAIRequestError, chat_prompt_ids, error_line, is_openai_line,
+                           parse_openai_line, response_line)
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -97,8 +100,13 @@ def _is_number(v) -> bool:
 def parse_request(obj, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, line: int | None = None) -> Request:
     """A Request from one input object; BatchInputError says what is wrong with it. Fields other
     than id, prompt, max_new_tokens, temperature, top_p and stop are ignored."""
-    if isinstance(obj, Request):
+    if isinstance(obj, (Request, OpenAIRequest)):
         return obj
+    if is_openai_line(obj):
+        try:
+            return parse_openai_line(obj, default_max_new_tokens, line=line)  # a bad request: .error, a 400 line
+        except OpenAIRequestError as e:
+            raise BatchInputError(str(e)) from None
     if not isinstance(obj, dict):
         raise BatchInputError(f"expected a JSON object, got {_json_type(obj)}")
     if "id" not in obj:
@@ -135,7 +143,11 @@ def parse_request(obj, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, lin
 def read_requests(path, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
     """(requests, problems) from a JSONL file: problems are (line number, message) for malformed
     lines, which are left out. Blank lines are ignored. Duplicate ids (on any line that has a
-    usable id) raise BatchInputError naming the id and both line numbers."""
+    usable id) raise BatchInputError naming the id and both line numbers.
+
+    The format is detected from the file's first JSON object: OpenAI Batch API lines (with a
+    "custom_id") come back as OpenAIRequests, a bad request among them with .error set (it is
+    answered with a 400 line); only lines without a usable custom_id are problems."""
     try:
         with open(path, "rb") as f:
             raw_lines = f.read().split(b"\n")
@@ -143,6 +155,7 @@ def read_requests(path, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
         raise BatchInputError(f"cannot read {path}: {e.strerror or e}") from None
     requests, problems, first_line = [], [], {}
     duplicates = []
+    openai = None                 # the file's format, from its first JSON object
     for n, raw in enumerate(raw_lines, start=1):
         if not raw.strip():
             continue
@@ -153,6 +166,21 @@ def read_requests(path, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
             continue
         except ValueError as e:
             problems.append((n, f"not valid JSON ({e})"))
+            continue
+        if openai is None and isinstance(obj, dict):
+            openai = is_openai_line(obj)
+        if openai:
+            # OpenAI batch lines: a bad request with a usable custom_id is answered with a 400 line
+            try:
+                req = parse_openai_line(obj, default_max_new_tokens, line=n)
+            except OpenAIRequestError as e:
+                problems.append((n, str(e)))
+                continue
+            if req.key in first_line:
+                duplicates.append((json.dumps(req.custom_id), first_line[req.key], n))
+            else:
+                first_line[req.key] = n
+            requests.append(req)
             continue
         rid = obj.get("id") if isinstance(obj, dict) else None
         if isinstance(rid, (str, int)) and not isinstance(rid, bool):
@@ -166,7 +194,8 @@ def read_requests(path, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
         except BatchInputError as e:
             problems.append((n, str(e)))
     if duplicates:
-        shown = "; ".join(f"id {k} on lines {a} and {b}" for k, a, b in duplicates[:5])
+        what = "custom_id" if openai else "id"
+        shown = "; ".join(f"{what} {k} on lines {a} and {b}" for k, a, b in duplicates[:5])
         more = f" (and {len(duplicates) - 5} more)" if len(duplicates) > 5 else ""
         raise BatchInputError(f"duplicate ids in {path}: {shown}{more}")
     return requests, problems
@@ -312,12 +341,20 @@ def run_batch(lm, requests, output_path, logprobs: bool = False, chunk_blocks: i
         pending = [r for r in reqs if r.key not in done]
         summary["already_done"] = len(reqs) - len(pending)
 
+        # OpenAI requests the API would refuse are answered with a 400 line, before anything runs
+        refused = [(r, r.error) for r in pending if isinstance(r, OpenAIRequest) and r.error is not None]
+        pending = [r for r in pending if not (isinstance(r, OpenAIRequest) and r.error is not None)]
+
         # Context check up front, so that one long prompt cannot stop the run halfway.
-        lengths = [len(t) for t in encode_prompts(tok, [r.prompt for r in pending], chat)]
+        lengths = [prompt_tokens(tok, r, chat) for r in pending]
         limit = lm.info.max_seq_len
         runnable, problems = [], []
         for r, n in zip(pending, lengths):
-            if n == 0:
+            if isinstance(r, OpenAIRequest) and (n == 0 or n + r.max_tokens > limit):
+                refused.append((r, OpenAIRequestError(
+                    f"{n} prompt tokens + {r.max_tokens} max_tokens exceed the model's context of {limit} tokens",
+                    "messages" if r.chat else "prompt", "context_length_exceeded")))
+            elif n == 0:
                 problems.append((r, "the prompt has no tokens"))
             elif n + r.max_new_tokens > limit:
                 problems.append((r, f"{n} prompt tokens + {r.max_new_tokens} new tokens exceed the model's "
@@ -329,6 +366,12 @@ def run_batch(lm, requests, output_path, logprobs: bool = False, chunk_blocks: i
         for r, m in problems:
             log(f"{r.where()}: {m}; skipped")
         summary["invalid"] = [r.id for r, _ in problems]
+        if refused:
+            for r, e in refused:
+                log(f"{r.where()}: {e}; answered with status 400")
+            _append(out, [error_line(r, e) for r, e in refused], output_path)
+            done.update(r.key for r, _ in refused)
+            summary["refused"] = [r.custom_id for r, _ in refused]
 
         # Same sampling parameters together (in order of first appearance), sorted by length.
         groups: dict[tuple, list] = {}
@@ -341,19 +384,29 @@ def run_batch(lm, requests, output_path, logprobs: bool = False, chunk_blocks: i
             rs = [r for _, _, r in items]
             plan += [rs[i:i + chunk] for i in range(0, len(rs), chunk)]
 
+        runner = RequestRunner(lm, progress=False) if any(isinstance(r, OpenAIRequest) for r, _ in runnable) else None
+        model_name = getattr(lm.info, "name", None) or "flexgen"
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=len(reqs) - len(problems), initial=summary["already_done"], unit="prompt",
+            bar = tqdm(total=len(reqs) - len(problems) - len(refused), initial=summary["already_done"], unit="prompt",
                        desc="batch", file=sys.stderr, dynamic_ncols=True)
         try:
             for part in plan:
                 r0 = part[0]
+                if isinstance(r0, OpenAIRequest):
+                    lines = _run_openai(runner, part, model_name, seed, summary)
+                    _append(out, lines, output_path)
+                    done.update(r.key for r in part)
+                    summary["prompts"] += len(part)
+                    if bar is not None:
+                        bar.update(len(part))
+                    continue
                 sample = r0.temperature > 0
                 comps = generate_text(lm, [r.prompt for r in part], max_new_tokens=r0.max_new_tokens,
                                       do_sample=sample, temperature=r0.temperature if sample else 1.0,
                                       top_p=r0.top_p, seed=chunk_seed(seed, [r.key for r in part]) if sample else None,
-                                      stop=list(r0.stop) or None, chat=chat, logprobs=logprobs)
+                                      stop=list(r0.stop) or None, chat=chat, logprobs=logprobs, log=log)
                 lines = []
                 for r, c in zip(part, comps):
                     rec = {"id": r.id, "completion": c.text, "prompt_tokens": c.prompt_tokens,
@@ -383,8 +436,49 @@ def run_batch(lm, requests, output_path, logprobs: bool = False, chunk_blocks: i
     return summary
 
 
+def prompt_tokens(tok, r, chat: bool = False) -> int:
+    """Tokens in a request's prompt (its chat template included)."""
+    if isinstance(r, OpenAIRequest):
+        if not r.chat:
+            return len(r.prompt) if not isinstance(r.prompt, str) else len(tok.encode(r.prompt))
+        return len(chat_prompt_ids(tok, list(r.prompt)))
+    return len(encode_prompts(tok, [r.prompt], chat)[0])
+
+
+def _append(out, records, output_path):
+    """One durable write: the lines, flushed and fsync'ed."""
+    try:
+        out.write("".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records).encode("utf-8"))
+        out.flush()
+        os.fsync(out.fileno())
+    except OSError as e:  # a full disk, a vanished file system: earlier chunks are safe
+        raise BatchOutputError(f"cannot write {output_path}: {e.strerror or e}") from e
+
+
+def _run_openai(runner, part, model_name, seed, summary) -> list[dict]:
+    """Output lines of a chunk of OpenAI requests (same parameters), run together by the request
+    layer. Sampled requests without a seed share one from --seed and the chunk's custom_ids (so
+    they share blocks, and a resumed run draws what the uninterrupted run would have)."""
+    gens = [r.generation_request() for r in part]
+    shared = chunk_seed(seed, [r.custom_id for r in part])
+    for g in gens:
+        if g.seed is None and g.temperature > 0:
+            g.seed = shared
+    lines = []
+    for r, res in zip(part, runner.generate(gens)):
+        if res.error is not None:
+            lines.append(error_line(r, OpenAIRequestError(res.error, "messages" if r.chat else "prompt")))
+            continue
+        lines.append(response_line(r, res, model_name))
+        summary["prompt_tokens"] += res.prompt_len
+        summary["generated_tokens"] += res.completion_tokens
+    return lines
+
+
 def format_summary(s: dict) -> str:
     extra = f", {len(s['invalid'])} skipped as too long" if s["invalid"] else ""
+    if s.get("refused"):
+        extra += f", {len(s['refused'])} answered with status 400"
     return (f"batch: {s['prompts']} prompts done ({s['already_done']} already in {s['output']}{extra}), "
             f"{s['generated_tokens']} generated tokens in {s['seconds']:.2f} s: {s['tokens_per_s']:.2f} tokens/s")
 

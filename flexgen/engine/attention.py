@@ -13,21 +13,39 @@ def _expand_kv(x, n_rep):
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def attention_mask(valid: torch.Tensor, s: int) -> torch.Tensor:
-    """(b, 1, s, S) boolean mask: causal among the last s positions, padding keys hidden.
+def attention_mask(valid: torch.Tensor, s: int, window: int | None = None) -> torch.Tensor:
+    """(b, 1, s, S) boolean mask: causal among the last s positions, padding keys hidden; with a
+    sliding window, a query sees only the last `window` positions (itself included).
 
     A query may always see itself, so padding rows never become all-masked (NaN)."""
     S = valid.shape[1]
     qpos = torch.arange(S - s, S, device=valid.device)[:, None]
     kpos = torch.arange(S, device=valid.device)[None, :]
-    mask = (kpos <= qpos)[None] & valid[:, None, :]
+    causal = kpos <= qpos
+    if window is not None:
+        causal &= kpos > qpos - window
+    mask = causal[None] & valid[:, None, :]
     mask |= (kpos == qpos)[None]
     return mask[:, None]
 
 
-def attend(q, k, v, valid, scale, sparsity: float = 1.0, invalid=None):
-    """invalid (= ~valid) may be passed in when the caller has it, to save a kernel per layer."""
+def in_window(valid: torch.Tensor, window: int | None) -> torch.Tensor:
+    """valid (b, S) of a decode step (one query, the last position) with the keys outside a
+    sliding window of `window` positions marked invalid too."""
+    if window is None or window >= valid.shape[1]:
+        return valid
+    out = valid.clone()
+    out[:, :valid.shape[1] - window] = False
+    return out
+
+
+def attend(q, k, v, valid, scale, sparsity: float = 1.0, invalid=None, window: int | None = None):
+    """invalid (= ~valid) may be passed in when the caller has it, to save a kernel per layer.
+    window: sliding-window attention (positions are columns: the left padding is all before the
+    real tokens, so column distance is token distance)."""
     b, s, heads, d = q.shape
+    if s == 1 and window is not None and window < valid.shape[1]:
+        valid, invalid = in_window(valid, window), None
     n_rep = heads // k.shape[2]
     if s == 1 and sparsity >= 1.0:
         return _dense_decode(q, k, v, ~valid if invalid is None else invalid, scale)
@@ -38,7 +56,7 @@ def attend(q, k, v, valid, scale, sparsity: float = 1.0, invalid=None):
         out = _sparse_decode(qh, kh, vh, valid, scale, sparsity)
     else:
         with _prefill_backends():
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attention_mask(valid, s), scale=scale)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attention_mask(valid, s, window), scale=scale)
     return out.transpose(1, 2)
 
 

@@ -13,9 +13,9 @@ import time
 import numpy as np
 import torch
 
-from ..models.base import StepContext
+from ..models.base import FEED_FORWARD_KINDS, StepContext
 from ..memory.placement import TieredBuffer, unpacked
-from .attention import attend as attention_core
+from .attention import attend as attention_core, in_window
 from .cpu_attention import cpu_decode_attention, packed_chunks, row_chunks
 from .io import IO, Pending
 from .kv_cache import LayerCache
@@ -66,7 +66,7 @@ class BlockRunner:
         # after it form one stage (their weights move together).
         self.stages = []
         for idx, layer in enumerate(layers):
-            if (not policy.sep_layer and layer.kind == "mlp" and self.stages
+            if (not policy.sep_layer and layer.kind in FEED_FORWARD_KINDS and self.stages
                     and layers[self.stages[-1][-1]].kind == "attention"):
                 self.stages[-1].append(idx)
             else:
@@ -192,7 +192,9 @@ class BlockRunner:
         invalid = step.invalid[b0:b1] if step.i > 0 else None
         sparsity = self.policy.attn_sparsity
 
-        def attend(q, k_new, v_new, scale):
+        def attend(q, k_new, v_new, scale, window=None):
+            """window: sliding-window attention over the last `window` positions (keys before it
+            are masked like padding, wherever the cache is)."""
             k_rows = k_new.transpose(0, 1)   # (s, b, kv_heads, d): the cache layout (written by copy)
             v_rows = v_new.transpose(0, 1)
             cache.write_resident(k_rows, v_rows, step.start)
@@ -200,14 +202,18 @@ class BlockRunner:
                 pending_cache[(li, k)] = self.io.store(lambda: cache.store_rest(k_rows, v_rows, step.start),
                                                        cache.stores_to_disk, (k_rows, v_rows))
             if step.i == 0:
-                return attention_core(q, k_new, v_new, valid, scale, sparsity)
+                return attention_core(q, k_new, v_new, valid, scale, sparsity, window=window)
+            seen, unseen = valid, invalid
+            if window is not None and window < valid.shape[1]:
+                seen = in_window(valid, window)
+                unseen = ~seen
             rep = q.shape[2] // k_new.shape[2]
             outs = []
             for seg, (a, b) in enumerate(cache.ranges):
                 qs = q[:, :, a * rep:b * rep]
                 if cache.cpu_compute and cache.k.tiers[seg] != "gpu" and sparsity >= 1.0:
                     outs.append(self._cpu_attention(cache, seg, loaded, qs, k_rows[:, :, a:b], v_rows[:, :, a:b],
-                                                    step, invalid if invalid is not None else ~valid, scale))
+                                                    step, unseen if unseen is not None else ~seen, scale))
                     continue
                 if cache.resident[seg] and not cache.compressed:  # new row already written in place
                     ks, vs = cache.resident_rows(seg, step.cur)
@@ -222,11 +228,11 @@ class BlockRunner:
                 dev = ks.device
                 if dev != q.device:  # top-k sparse attention next to the cache, float32 on the CPU
                     o = attention_core(qs.to(dev, torch.float32), ks.permute(1, 0, 2, 3).float(),
-                                       vs.permute(1, 0, 2, 3).float(), valid.to(dev), scale, sparsity)
+                                       vs.permute(1, 0, 2, 3).float(), seen.to(dev), scale, sparsity)
                     o = o.to(q.device, q.dtype)
                 else:
-                    o = attention_core(qs, ks.permute(1, 0, 2, 3), vs.permute(1, 0, 2, 3), valid, scale, sparsity,
-                                       invalid=invalid)
+                    o = attention_core(qs, ks.permute(1, 0, 2, 3), vs.permute(1, 0, 2, 3), seen, scale, sparsity,
+                                       invalid=unseen)
                 outs.append(o)
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 

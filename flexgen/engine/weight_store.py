@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..memory.placement import PackedBuffer, TieredBuffer, assign_by_size
+from ..models.base import packs
 
 _POOL = {}
 
@@ -50,9 +51,7 @@ class WeightStore:
             home = {}
             for spec, tier in zip(layer.weights, tiers):
                 onehot = tuple(100 if t == tier else 0 for t in ("gpu", "cpu", "disk"))
-                # Embedding tables and the output head stay uncompressed: they are a small share
-                # of a large model's bytes, and quantising the head costs the most accuracy.
-                if compression is not None and len(spec.shape) >= 2 and layer.kind in ("attention", "mlp"):
+                if compression is not None and packs(layer, spec):
                     buf = PackedBuffer(env, spec.shape, dtype, compression, onehot, name=spec.key, pin=pin)
                 else:
                     buf = TieredBuffer(env, spec.shape, dtype, onehot, name=spec.key, pin=pin)

@@ -1,2 +1,1 @@
-"""Adapters to other people's frameworks (HELM, lm-evaluation-harness): thin layers that speak the
-framework's own types and hand whole request lists to flexgen.requests."""
+"""Adapters to other people's frameworks (lm-evaluation-harness, HELM), thin, over flexgen.requests."""

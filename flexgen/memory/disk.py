@@ -23,6 +23,19 @@ def _check_write(n_written: int, expected: int, path: str):
         raise DiskFullError(errno.ENOSPC, f"short write to {path} ({n_written} of {expected} bytes)")
 
 
+def _all(call, fd, buf: memoryview, offset: int) -> int:
+    """pwrite / preadv until the whole buffer is done: Linux moves at most 0x7ffff000 bytes
+    (just under 2 GiB) per call, so one call leaves a large tensor (e.g. a 152K x 8192 fp16
+    embedding) short. Stops early only when the call moves nothing (disk full, end of file)."""
+    done = 0
+    while done < buf.nbytes:
+        n = call(fd, buf[done:], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
 class DiskTensor:
     def __init__(self, directory: str, shape, dtype: torch.dtype, name: str = "t"):
         self.shape = tuple(int(s) for s in shape)
@@ -55,7 +68,7 @@ class DiskTensor:
         data = src.view(-1).view(torch.uint8).numpy()
         offset = row_start * self.row_bytes
         try:
-            n = os.pwrite(self.fd, memoryview(data), offset)
+            n = _all(os.pwrite, self.fd, memoryview(data), offset)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFullError(e.errno, f"disk full while writing {self.path}") from e
@@ -68,7 +81,7 @@ class DiskTensor:
         nbytes = (row_end - row_start) * self.row_bytes
         view = dst.view(-1).view(torch.uint8).numpy()
         assert view.nbytes == nbytes, (view.nbytes, nbytes)
-        got = os.preadv(self.fd, [memoryview(view)], row_start * self.row_bytes)
+        got = _all(lambda fd, b, off: os.preadv(fd, [b], off), self.fd, memoryview(view), row_start * self.row_bytes)
         if got != nbytes:
             raise OSError(errno.EIO, f"short read from {self.path} ({got} of {nbytes} bytes)")
         return dst

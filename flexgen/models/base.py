@@ -22,6 +22,10 @@ class WeightSpec:
     # How dummy weights are drawn: "normal" (scaled random), "ones" (norm gains), "zeros" (biases)
     init: str = "normal"
     split: tuple = ()  # rows of each stacked file
+    # The share of tokens that use this weight: 1 for dense weights, top_k / num_experts for one
+    # routed expert of a mixture of experts (all of its bytes move; only this share of its FLOPs run)
+    share: float = 1.0
+    packable: bool = True  # False: kept at full precision under weight compression (a router)
 
     def files(self):
         """[(file, shape)] of what this weight is read from."""
@@ -30,18 +34,34 @@ class WeightSpec:
         return [(f, (rows,) + tuple(self.shape[1:])) for f, rows in zip(self.file, self.split)]
 
 
-def stacked(key, files, rows, rest=(), init="normal") -> WeightSpec:
+def stacked(key, files, rows, rest=(), init="normal", share=1.0) -> WeightSpec:
     """A weight made of several cache tensors stacked along dim 0."""
-    return WeightSpec(key, tuple(files), (sum(rows),) + tuple(rest), init, tuple(rows))
+    return WeightSpec(key, tuple(files), (sum(rows),) + tuple(rest), init, tuple(rows), share)
+
+
+# Layer kinds: "embed", "attention", "mlp" (dense feed-forward), "moe" (a routed mixture of experts:
+# its weights are the router and every expert, placed, compressed and moved like any layer's), "head".
+LAYER_KINDS = ("embed", "attention", "mlp", "moe", "head")
+FEED_FORWARD_KINDS = ("mlp", "moe")
+# the transformer-block kinds whose matrices weight compression packs (embedding and head stay fp16)
+BLOCK_KINDS = ("attention", "mlp", "moe")
+
+
+def packs(layer, spec) -> bool:
+    """Whether weight compression stores this weight packed: the matrices of transformer blocks
+    (embedding tables and the head stay fp16: a small share of a large model's bytes, and
+    quantising the head costs the most accuracy), except those marked not packable."""
+    return len(spec.shape) >= 2 and layer.kind in BLOCK_KINDS and spec.packable
 
 
 @dataclass
 class LayerSpec:
-    kind: str                           # "embed", "attention", "mlp" or "head"
+    kind: str                           # one of LAYER_KINDS
     weights: list[WeightSpec]
     forward: Callable                   # forward(w: dict, h, ctx) -> tensor
     kv_heads: int = 0                   # attention layers: heads in the KV cache
     head_dim: int = 0
+    top_k: int = 0                      # moe layers: the experts each token is routed to
 
 
 @dataclass
@@ -49,7 +69,8 @@ class StepContext:
     """What one forward step of one GPU batch knows, beyond its hidden states."""
     input_ids: torch.Tensor             # (b, s) tokens of this step
     positions: torch.Tensor             # (b, s) position of each token (from the attention mask)
-    attend: Callable | None = None      # attend(q, k, v, scale) -> (b, s, heads, head_dim)
+    # attend(q, k, v, scale, window=None) -> (b, s, heads, head_dim); window: sliding-window attention
+    attend: Callable | None = None
     extra: dict = field(default_factory=dict)
 
 

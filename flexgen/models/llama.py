@@ -1,8 +1,11 @@
-"""LLaMA-1/2/3: RMSNorm, rotary positions (with llama3 / linear scaling), grouped-query attention,
-SwiGLU MLP, tied or untied output head."""
+"""LLaMA-1/2/3 and the architectures that differ from it only by flags: RMSNorm, rotary positions
+(with llama3 / linear scaling), grouped-query attention, SwiGLU MLP, tied or untied output head;
+Qwen2/Qwen2.5 (biases on q, k and v only) and Mistral (sliding-window attention, which the engine's
+attend applies: the family only names the window)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -27,8 +30,15 @@ class LlamaConfig:
     rope_scaling: dict | None = None
     head_dim_: int | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False       # biases on q, k, v and o (LLaMA's flag)
     mlp_bias: bool = False
+    qkv_bias: bool = False             # biases on q, k, v only (Qwen2)
+    # Sliding-window attention (Mistral, Qwen2 with use_sliding_window): a query sees the last
+    # `sliding_window` positions, itself included; window_layers lists the layers that use it
+    # (None: all of them)
+    sliding_window: int | None = None
+    window_layers: tuple | None = None
+    arch: str = "llama"                # llama, qwen2, mistral (what the checkpoint calls itself)
     pad_token_id: int = 0
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
@@ -37,10 +47,22 @@ class LlamaConfig:
     def head_dim(self):
         return self.head_dim_ or self.hidden_size // self.n_head
 
+    def window_of(self, layer: int) -> int | None:
+        if self.sliding_window is None or (self.window_layers is not None and layer not in self.window_layers):
+            return None
+        return self.sliding_window
+
     @classmethod
     def from_hf(cls, d: dict, name: str = "llama") -> "LlamaConfig":
+        return cls(**cls.hf_fields(d, name))
+
+    @staticmethod
+    def hf_fields(d: dict, name: str) -> dict:
+        """The constructor arguments for an HF config dict of LLaMA, Qwen2 or Mistral."""
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"LLaMA activation {d.get('hidden_act')!r} is not supported (only silu)")
+            raise ValueError(f"{d.get('model_type', 'LLaMA')} activation {d.get('hidden_act')!r} is not "
+                             "supported (only silu)")
+        arch = hf_arch(d)
         heads = d["num_attention_heads"]
         pad = d.get("pad_token_id")
         if isinstance(pad, list):
@@ -52,17 +74,45 @@ class LlamaConfig:
             theta = params.get("rope_theta", theta)
             if params.get("rope_type", "default") != "default":
                 rope_scaling = params
-        return cls(
-            name=name, num_hidden_layers=d["num_hidden_layers"], hidden_size=d["hidden_size"],
+        if pad is None and arch == "qwen2":   # Qwen2 configs name no pad; its tokenizer pads with <|endoftext|>
+            pad = d.get("bos_token_id")
+        layers = d["num_hidden_layers"]
+        window, window_layers = d.get("sliding_window"), None
+        if arch == "qwen2":  # Qwen2's window applies only with use_sliding_window, to some layers
+            types = d.get("layer_types")
+            if not d.get("use_sliding_window", False):
+                window = None
+            elif types:
+                window_layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+            else:
+                window_layers = tuple(range(d.get("max_window_layers", 28), layers))
+        elif arch == "llama":
+            window = None
+        return dict(
+            name=name, num_hidden_layers=layers, hidden_size=d["hidden_size"],
             n_head=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
             intermediate_size=d["intermediate_size"], vocab_size=d["vocab_size"],
             max_seq_len=d.get("max_position_embeddings", 2048), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta or 10000.0), rope_scaling=rope_scaling, head_dim_=d.get("head_dim"),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
+            qkv_bias=arch == "qwen2",
             pad_token_id=0 if pad is None else int(pad), bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
+            sliding_window=int(window) if window else None, window_layers=window_layers, arch=arch,
         )
+
+
+# HF architecture / model_type -> our name for the variant
+_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral",
+          "MixtralForCausalLM": "mixtral"}
+
+
+def hf_arch(d: dict) -> str:
+    for a in d.get("architectures") or []:
+        if a in _ARCHS:
+            return _ARCHS[a]
+    return d.get("model_type") if d.get("model_type") in _ARCHS.values() else "llama"
 
 
 def _llama(name, layers, hidden, heads, inter, kv=None, **kw):
@@ -97,6 +147,27 @@ for _k in ("meta-llama-3-8b", "meta-llama-3-70b"):
     KNOWN_CONFIGS[f"{_k}-instruct"] = dataclasses.replace(KNOWN_CONFIGS[_k], eos_token_id=[128001, 128009])
 for _k in ("llama-3.1-8b", "llama-3.1-70b"):
     KNOWN_CONFIGS[f"{_k}-instruct"] = dataclasses.replace(KNOWN_CONFIGS[_k], eos_token_id=_INSTRUCT_EOS)
+
+
+# Qwen2.5 (q/k/v biases, large rope theta; the 7B and larger heads are untied). Base models end
+# with <|endoftext|>, instruct models' turns with <|im_end|>; the base configs name 128K
+# positions, the instruct ones 32K (YaRN beyond that is not applied by default).
+_Q25 = dict(vocab_size=152064, max_seq_len=131072, rms_norm_eps=1e-5, rope_theta=1000000.0, qkv_bias=True,
+            pad_token_id=151643, bos_token_id=151643, eos_token_id=151643, arch="qwen2")
+for _size, _shape, _eps in (("7b", (28, 3584, 28, 18944, 4), 1e-6), ("14b", (48, 5120, 40, 13824, 8), 1e-5),
+                            ("32b", (64, 5120, 40, 27648, 8), 1e-5), ("72b", (80, 8192, 64, 29568, 8), 1e-5)):
+    _l, _h, _n, _i, _kv = _shape
+    KNOWN_CONFIGS[f"qwen2.5-{_size}"] = _llama(f"Qwen2.5-{_size.upper()}", _l, _h, _n, _i, kv=_kv,
+                                               **dict(_Q25, rms_norm_eps=_eps))
+    KNOWN_CONFIGS[f"qwen2.5-{_size}-instruct"] = _llama(f"Qwen2.5-{_size.upper()}-Instruct", _l, _h, _n, _i, kv=_kv,
+                                                        **dict(_Q25, rms_norm_eps=_eps, max_seq_len=32768,
+                                                               eos_token_id=151645))
+# Mistral-7B: v0.3 (32768-token vocabulary, full attention) and v0.1 (4096-position sliding window)
+_M7 = dict(max_seq_len=32768, rms_norm_eps=1e-5, rope_theta=1000000.0, vocab_size=32768, arch="mistral")
+KNOWN_CONFIGS["mistral-7b-v0.3"] = _llama("Mistral-7B-v0.3", 32, 4096, 32, 14336, kv=8, **_M7)
+KNOWN_CONFIGS["mistral-7b-instruct-v0.3"] = _llama("Mistral-7B-Instruct-v0.3", 32, 4096, 32, 14336, kv=8, **_M7)
+KNOWN_CONFIGS["mistral-7b-v0.1"] = _llama("Mistral-7B-v0.1", 32, 4096, 32, 14336, kv=8,
+                                          **dict(_M7, vocab_size=32000, rope_theta=10000.0, sliding_window=4096))
 
 
 def get_llama_config(name: str, **overrides) -> LlamaConfig:
@@ -187,27 +258,39 @@ class LlamaFamily(ModelFamily):
         out = [LayerSpec("embed", [WeightSpec("tok", "embed_tokens.weight", (c.vocab_size, h))], self.embed)]
         for i in range(c.num_hidden_layers):
             p = f"layers.{i}"
-            ab, mb = c.attention_bias, c.mlp_bias
+            qkv_b, o_b = c.attention_bias or c.qkv_bias, c.attention_bias
             qkv = [f"{p}.self_attn.{n}_proj" for n in "qkv"]
             attn = ([WeightSpec("norm", f"{p}.input_layernorm.weight", (h,), "ones")]
                     + [stacked("qkv.weight", [f"{f}.weight" for f in qkv], (qd, kvd, kvd), (h,))]
-                    + ([stacked("qkv.bias", [f"{f}.bias" for f in qkv], (qd, kvd, kvd), (), "zeros")] if ab else [])
-                    + lin(f"{p}.self_attn.o_proj", "o", h, qd, ab))
-            mlp = ([WeightSpec("norm", f"{p}.post_attention_layernorm.weight", (h,), "ones")]
-                   + lin(f"{p}.mlp.gate_proj", "gate", c.intermediate_size, h, mb)
-                   + lin(f"{p}.mlp.up_proj", "up", c.intermediate_size, h, mb)
-                   + lin(f"{p}.mlp.down_proj", "down", h, c.intermediate_size, mb))
-            out.append(LayerSpec("attention", attn, self.attention, kv_heads=c.num_key_value_heads, head_dim=d))
-            out.append(LayerSpec("mlp", mlp, self.mlp))
+                    + ([stacked("qkv.bias", [f"{f}.bias" for f in qkv], (qd, kvd, kvd), (), "zeros")] if qkv_b else [])
+                    + lin(f"{p}.self_attn.o_proj", "o", h, qd, o_b))
+            window = c.window_of(i)
+            forward = self.attention if window is None else functools.partial(self.attention, window=window)
+            out.append(LayerSpec("attention", attn, forward, kv_heads=c.num_key_value_heads, head_dim=d))
+            out.append(self.mlp_layer(i, p))
         head_file = "embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
         out.append(LayerSpec("head", [WeightSpec("norm", "norm.weight", (h,), "ones"),
                                       WeightSpec("lm_head", head_file, (c.vocab_size, h))], self.head))
         return out
 
+    def mlp_layer(self, i: int, p: str) -> LayerSpec:
+        """Layer i's feed-forward part (a mixture of experts in MixtralFamily)."""
+        c, h, mb = self.config, self.config.hidden_size, self.config.mlp_bias
+
+        def lin(prefix, key, out_dim, in_dim):
+            specs = [WeightSpec(f"{key}.weight", f"{prefix}.weight", (out_dim, in_dim))]
+            return specs + ([WeightSpec(f"{key}.bias", f"{prefix}.bias", (out_dim,), "zeros")] if mb else [])
+
+        mlp = ([WeightSpec("norm", f"{p}.post_attention_layernorm.weight", (h,), "ones")]
+               + lin(f"{p}.mlp.gate_proj", "gate", c.intermediate_size, h)
+               + lin(f"{p}.mlp.up_proj", "up", c.intermediate_size, h)
+               + lin(f"{p}.mlp.down_proj", "down", h, c.intermediate_size))
+        return LayerSpec("mlp", mlp, self.mlp)
+
     def embed(self, w, h, ctx):
         return F.embedding(ctx.input_ids, w["tok"])
 
-    def attention(self, w, h, ctx):
+    def attention(self, w, h, ctx, window=None):
         c = self.config
         b, s, _ = h.shape
         x = rms_norm(h, w["norm"], c.rms_norm_eps)
@@ -222,7 +305,8 @@ class LlamaFamily(ModelFamily):
                 self._inv_freq_on[dev] = self.inv_freq.to(dev)
             ctx.extra["rope"] = rope_angles(ctx.positions.clamp(min=0), self._inv_freq_on[dev], q.dtype)
         q, k = apply_rope(q, k, *ctx.extra["rope"])
-        o = ctx.attend(q, k, v, c.head_dim ** -0.5)
+        o = ctx.attend(q, k, v, c.head_dim ** -0.5) if window is None else \
+            ctx.attend(q, k, v, c.head_dim ** -0.5, window=window)
         return h + F.linear(o.reshape(b, s, -1), w["o.weight"], w.get("o.bias"))
 
     def mlp(self, w, h, ctx):

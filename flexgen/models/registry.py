@@ -8,16 +8,27 @@ from dataclasses import dataclass
 
 from .base import ModelFamily
 from .llama import LlamaConfig, LlamaFamily, get_llama_config
+from .mixtral import MixtralConfig, MixtralFamily, get_mixtral_config
 from .opt import OptConfig, OptFamily, get_opt_config
 
 EMBEDDED_DEFAULT = "smollm2-135m"
 
-# Hugging Face architecture name -> (family name, config class, family class)
+# Hugging Face architecture name -> (family name, config class, family class). The family name is
+# the entry point's (flex_opt, flex_llama); Qwen2, Mistral and Mixtral run as LLaMA variants.
 ARCHITECTURES = {
     "OPTForCausalLM": ("opt", OptConfig, OptFamily),
     "LlamaForCausalLM": ("llama", LlamaConfig, LlamaFamily),
+    "Qwen2ForCausalLM": ("llama", LlamaConfig, LlamaFamily),
+    "MistralForCausalLM": ("llama", LlamaConfig, LlamaFamily),
+    "MixtralForCausalLM": ("llama", MixtralConfig, MixtralFamily),
 }
-FAMILIES = {"opt": (OptConfig, OptFamily, get_opt_config), "llama": (LlamaConfig, LlamaFamily, get_llama_config)}
+# model_type (for configs without `architectures`) -> the same
+MODEL_TYPES = {"opt": "OPTForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
+# family name -> [(config class, family class, known-name lookup)], tried in order
+FAMILIES = {"opt": [(OptConfig, OptFamily, get_opt_config)],
+            "llama": [(LlamaConfig, LlamaFamily, get_llama_config),
+                      (MixtralConfig, MixtralFamily, get_mixtral_config)]}
 
 
 class ModelNotFound(ValueError):
@@ -35,13 +46,13 @@ class ResolvedModel:
 def _from_hf_dict(d: dict, name: str, source: str) -> ModelFamily:
     archs = d.get("architectures") or []
     model_type = d.get("model_type")
-    for arch in archs:
+    for arch in list(archs) + [MODEL_TYPES.get(model_type)]:
         if arch in ARCHITECTURES:
             fam, cfg_cls, fam_cls = ARCHITECTURES[arch]
-            return fam_cls(cfg_cls.from_hf(d, name=name))
-    for fam, (cfg_cls, fam_cls, _) in FAMILIES.items():
-        if model_type == fam:
-            return fam_cls(cfg_cls.from_hf(d, name=name))
+            try:
+                return fam_cls(cfg_cls.from_hf(d, name=name))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ModelNotFound(f"{source}: unusable {arch} config: {e}") from None
     raise ModelNotFound(f"{source}: architecture {archs or model_type} is not supported "
                         f"(supported: {', '.join(ARCHITECTURES)})")
 
@@ -49,7 +60,8 @@ def _from_hf_dict(d: dict, name: str, source: str) -> ModelFamily:
 def resolve_model(model, family: str | None = None) -> ResolvedModel:
     """family restricts the answer ("opt" for flex_opt, "llama" for flex_llama)."""
     if isinstance(model, (OptConfig, LlamaConfig)):
-        fam_cls = OptFamily if isinstance(model, OptConfig) else LlamaFamily
+        fam_cls = (OptFamily if isinstance(model, OptConfig) else
+                   MixtralFamily if isinstance(model, MixtralConfig) else LlamaFamily)
         resolved = ResolvedModel(fam_cls(model), model.name.split("/")[-1], None, None)
     elif isinstance(model, (str, os.PathLike)):
         resolved = _resolve_str(os.fspath(model), family)
@@ -85,20 +97,20 @@ def _resolve_str(model: str, family: str | None) -> ResolvedModel:
         return ResolvedModel(_from_hf_dict(d, name, path), name, path, None)
     if model.startswith(("/", ".", "~")) or model.endswith(".gguf") or model.count("/") > 1:
         raise ModelNotFound(f"{model}: no such file or directory")
-    for fam, (_, fam_cls, get_config) in FAMILIES.items():
+    for fam, entries in FAMILIES.items():
         if family is not None and fam != family:
             continue
-        try:
-            cfg = get_config(model)
-        except KeyError:
-            continue
-        return ResolvedModel(fam_cls(cfg), model.split("/")[-1], None, model if "/" in model else None)
-    known = sorted(k for fam, (_, _, _) in FAMILIES.items() if family in (None, fam)
-                   for k in (_known_names(fam)))
+        for _, fam_cls, get_config in entries:
+            try:
+                cfg = get_config(model)
+            except KeyError:
+                continue
+            return ResolvedModel(fam_cls(cfg), model.split("/")[-1], None, model if "/" in model else None)
+    known = sorted(k for fam in FAMILIES if family in (None, fam) for k in _known_names(fam))
     raise ModelNotFound(f"unknown model {model!r}: give a local checkpoint directory, a .gguf file, "
                         f"{EMBEDDED_DEFAULT!r}, or one of: {', '.join(known)}")
 
 
 def _known_names(fam):
-    from . import llama, opt
-    return (opt if fam == "opt" else llama).KNOWN_CONFIGS.keys()
+    from . import llama, mixtral, opt
+    return list(opt.KNOWN_CONFIGS) if fam == "opt" else list(llama.KNOWN_CONFIGS) + list(mixtral.KNOWN_CONFIGS)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..memory.placement import TIERS, assign_by_size, split_counts
+from ..models.base import packs
 from ..policy import Policy
-from .memory_model import MemoryEstimate, _layers, _packed_bytes, estimate_memory
+from .memory_model import MemoryEstimate, _layers, _packed_bytes, estimate_memory, intermediate_elems
 
 GiB = 1 << 30
 
@@ -134,15 +135,20 @@ def _layer_types(family):
 def _weight_table(family, pct, compress, itemsize, cfg):
     """Per layer type, the numbers of one layer under weight percentages `pct` (as estimate_memory
     places them): bytes resident per tier, bytes moved per use from cpu / disk, the unpacked copy
-    (the working set), elements dequantised per use, bytes read by its matmuls, FLOPs per token."""
+    (the working set), elements dequantised per use, bytes read by its matmuls, FLOPs per token.
+
+    Routed experts (WeightSpec.share < 1) move and unpack whole, but a token runs only its share
+    of their FLOPs, and a GPU batch reads only the experts its tokens chose: `routed` maps a share
+    to the bytes of the weights with that share (see _matmul_read)."""
     rows = []
     for n, layer in _layer_types(family):
         tier_b = dict.fromkeys(TIERS, 0)
         move = dict.fromkeys(TIERS, 0)
         stage = deq = read = flops = 0
+        routed = {}
         sizes = [math.prod(w.shape) for w in layer.weights]
         for spec, size, tier in zip(layer.weights, sizes, assign_by_size(sizes, pct)):
-            packed = compress and len(spec.shape) >= 2 and layer.kind in ("attention", "mlp")
+            packed = compress and packs(layer, spec)
             nbytes = _packed_bytes(spec.shape, cfg) if packed else size * itemsize
             tier_b[tier] += nbytes
             move[tier] += nbytes
@@ -150,11 +156,21 @@ def _weight_table(family, pct, compress, itemsize, cfg):
                 stage += size * itemsize
             deq += size if packed else 0
             if len(spec.shape) == 2 and layer.kind != "embed":
-                read += size * itemsize
-                flops += 2 * size
+                if spec.share < 1:
+                    routed[spec.share] = routed.get(spec.share, 0) + size * itemsize
+                else:
+                    read += size * itemsize
+                flops += 2 * size * spec.share
         rows.append(dict(n=n, kind=layer.kind, tiers=tier_b, cpu=move["cpu"], disk=move["disk"], stage=stage,
-                         deq=deq, read=read, flops=flops, kv=layer.kv_heads, hd=layer.head_dim))
+                         deq=deq, read=read, routed=routed, flops=flops, kv=layer.kv_heads, hd=layer.head_dim))
     return rows
+
+
+def _matmul_read(row, ntok):
+    """Bytes a layer's matmuls read for one GPU batch of ntok tokens: every dense weight, and of
+    the routed experts the expected share that at least one token chose, 1 - (1 - share)^ntok
+    (tokens routed independently)."""
+    return row["read"] + sum(b * (1 - (1 - share) ** ntok) for share, b in row["routed"].items())
 
 
 @dataclass
@@ -289,14 +305,13 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                 act_n[m] = split_counts(int(g), (ag, ac, 100 - ag - ac))
     for t in range(3):
         add(t, ngb * P * H * itemsize * act_n[:, t], staged)
-    widest = max((max(w.shape) for l in _layers(family) for w in l.weights if len(w.shape) == 2), default=0)
     c_gpu = np.array([c[0] for c in grid.c_opts])[grid.ci]
     c_disk = np.array([100 - sum(c) for c in grid.c_opts])[grid.ci]
     w_disk = np.array([100 - sum(w) for w in grid.w_opts])[grid.wi]
     a_disk = np.array([100 - sum(a) for a in grid.a_opts])[grid.ai]
     one_cache = one_cache_1 * gbs
     work = 2 * stage_max + np.where(c_gpu < 100, 2 * one_cache, 0.0)
-    work += 4 * gbs * P * max(widest // 4, H) * itemsize + gbs * V * 4 * 2
+    work += gbs * P * intermediate_elems(_layers(family), H) * itemsize + gbs * V * 4 * 2
     add(0, work)
     if is_cuda:
         mem["pinned"] += np.where((c_disk > 0) | (w_disk > 0) | (a_disk > 0),
@@ -331,7 +346,7 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                 cpu_t = np.zeros_like(g)
                 ntok = g if r["kind"] == "head" else g * tokens   # the head sees one position per sequence
                 flops = rates.flops * (PREFILL_EFFICIENCY if prefill else 1.0)
-                mm = np.maximum(ntok * r["flops"] / flops, r["read"] / rates.dev_bw)
+                mm = np.maximum(ntok * r["flops"] / flops, _matmul_read(r, ntok) / rates.dev_bw)
                 dev = k * mm + r["deq"] / rates.dequant
                 if r["kind"] == "attention":
                     hidx = ai
@@ -377,14 +392,16 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                         disk = disk + np.zeros_like(g)
                         disk[idx] += disk_a
                         cpu_t[idx] += cpu_a
-                # activations kept off the device: out and back in, per GPU batch
+                # activations kept off the device: out and back in, per GPU batch, in order on the
+                # compute stream (engine/schedule.ActivationStore), so in series with compute: the
+                # LLaMA-3-70B-shaped run of issue 12 (64 x 16 sequences, activations on the CPU)
+                # spent 52 s of its 183 s prefill moving 512 MB hidden states out and back
                 hid = ntok / np.maximum(g, 1) * H * itemsize   # per sequence
                 af = act_frac[m]
-                h2d = h2d + k * g * hid * (af[:, 1] + af[:, 2]) / rates.h2d_pinned
-                d2h = d2h + k * g * hid * (af[:, 1] + af[:, 2]) / rates.d2h
-                disk = disk + k * g * hid * af[:, 2] * (1 / rates.disk_read + 1 / rates.disk_write)
+                act_t = k * g * hid * ((af[:, 1] + af[:, 2]) * (1 / rates.h2d_pinned + 1 / rates.d2h) +
+                                       af[:, 2] * (1 / rates.disk_read + 1 / rates.disk_write))
                 host = k * rates.overhead
-                compute = np.maximum(dev, host) + cpu_t
+                compute = np.maximum(dev, host) + cpu_t + act_t
                 if grid.overlap:
                     t = np.maximum.reduce([h2d + 0 * g, d2h, disk + 0 * g, compute])
                 else:

@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass
 
 from ..memory.placement import TIERS, assign_by_size, split_counts
+from ..models.base import packs
 from ..policy import Policy, PolicyError
 
 GiB = 1 << 30
@@ -99,7 +100,7 @@ def estimate_memory(family, policy: Policy, prompt_len: int, gen_len: int, is_cu
         sizes = [math.prod(w.shape) for w in layer.weights]
         layer_bytes = 0
         for spec, tier in zip(layer.weights, assign_by_size(sizes, w_pct)):
-            packed = policy.compress_weight and len(spec.shape) >= 2 and layer.kind in ("attention", "mlp")
+            packed = policy.compress_weight and packs(layer, spec)
             nbytes = _packed_bytes(spec.shape, policy.comp_weight_config) if packed else \
                 math.prod(spec.shape) * itemsize
             add(tier, nbytes)
@@ -132,9 +133,8 @@ def estimate_memory(family, policy: Policy, prompt_len: int, gen_len: int, is_cu
 
     # working set on the compute device: two layers in flight, a cache brought in (and next),
     # and the intermediates of the widest layer (MLP up-projection, logits of one batch)
-    widest = max((max(w.shape) for l in layers for w in l.weights if len(w.shape) == 2), default=0)
     work = 2 * max(stage_bytes, default=0) + (2 * one_cache if c_pct[0] < 100 else 0)
-    work += 4 * gbs * prompt_len * max(widest // 4, info.hidden_size) * itemsize
+    work += gbs * prompt_len * intermediate_elems(layers, info.hidden_size) * itemsize
     work += gbs * info.vocab_size * 4 * 2
     add("gpu", work, what="work")
     if is_cuda and (c_pct[2] > 0 or w_pct[2] > 0 or policy.percents("act")[2] > 0):
@@ -142,6 +142,21 @@ def estimate_memory(family, policy: Policy, prompt_len: int, gen_len: int, is_cu
     if is_cuda and policy.cpu_cache_compute and c_pct[1] > 0:
         est.pinned += cpu_attention_relay(layers, policy, prompt_len, itemsize)
     return est
+
+
+def intermediate_elems(layers, hidden: int) -> int:
+    """Values per prefill token that the widest layer holds at once beyond its input: four of
+    max(widest matrix / 4, hidden) for a dense layer (the MLP up-projection); for a routed
+    mixture of experts, the top_k copies of each token gathered for its experts and their outputs,
+    the output and residual, and one expert's up-projection and activation over at most every
+    token (one expert may get them all)."""
+    widest = max((max(w.shape) for l in layers for w in l.weights if len(w.shape) == 2), default=0)
+    out = 4 * max(widest // 4, hidden)
+    for layer in layers:
+        if layer.kind == "moe":
+            rows = max((w.shape[0] for w in layer.weights if w.share < 1 and len(w.shape) == 2), default=0)
+            out = max(out, hidden * (3 + 2 * layer.top_k) + rows * 3 // 2)
+    return out
 
 
 def cpu_attention_relay(layers, policy: Policy, prompt_len: int, itemsize: int) -> int:
@@ -165,11 +180,12 @@ class MachineMemory:
 
 
 def available_memory(env) -> MachineMemory:
-    gpu = None
-    if env.is_cuda:
-        import torch
-        gpu, _ = torch.cuda.mem_get_info(env.device)
-    return MachineMemory(gpu, _host_available(), shutil.disk_usage(env.offload_dir).free)
+    """Free memory now, within the environment's caps (--gpu-mem, --cpu-mem)."""
+    host = _host_available()
+    cap = getattr(env.host_bytes, "cap", None)
+    if cap is not None:
+        host = min(host, max(0, cap - env.host_bytes.pinned - env.host_bytes.pageable))
+    return MachineMemory(env.gpu_budget(), host, shutil.disk_usage(env.offload_dir).free)
 
 
 def _host_available() -> int:
