@@ -26,11 +26,11 @@ from flexgen.apps import helm_run  # noqa: E402
 from flexgen.integrations import helm_config  # noqa: E402
 from flexgen.integrations.helm_client import Engine, FlexGenToken, parse_engine_flags  # noqa: E402
 
-SCENARIOS = {   # description -> (run directory name, HELM metric, its per-reference function)
+SCENARIOS = {   # description -> (run directory name, a HELM metric of its run spec)
     "dyck_language:num_parenthesis_pairs=2": ("dyck_language_np=2:model=flexgen_smollm2-135m",
                                               "exact_match_indicator"),
     "synthetic_reasoning:mode=pattern_match": ("synthetic_reasoning:mode=pattern_match,model=flexgen_smollm2-135m",
-                                               "exact_match"),
+                                               "quasi_prefix_exact_match"),   # exact_match is 0 for SmolLM2
 }
 SMOL = "flexgen/smollm2-135m"
 
@@ -89,8 +89,8 @@ def hf_greedy(tok, ref, prompt, max_tokens, stops):
 
 
 def test_helm_run_writes_runs_and_matches_transformers(helm_runs, hf_smol):
-    from helm.benchmark.metrics.evaluate_reference_metrics import exact_match, exact_match_indicator
-    fns = {"exact_match": exact_match, "exact_match_indicator": exact_match_indicator}
+    from helm.benchmark.metrics.evaluate_reference_metrics import exact_match_indicator, quasi_prefix_exact_match
+    fns = {"quasi_prefix_exact_match": quasi_prefix_exact_match, "exact_match_indicator": exact_match_indicator}
     tok, ref = hf_smol
     for desc, (run_name, metric) in SCENARIOS.items():
         run_dir = helm_runs / run_name
@@ -105,15 +105,19 @@ def test_helm_run_writes_runs_and_matches_transformers(helm_runs, hf_smol):
             theirs = hf_greedy(tok, ref, req["prompt"], req["max_tokens"], req["stop_sequences"])
             assert ours == theirs, f"{desc}: {req['prompt'][-80:]!r}"
             golds = [r["output"]["text"] for r in s["instance"]["references"] if "correct" in r["tags"]]
-            scores[s["instance"]["id"]] = max(fns[metric](g, theirs) for g in golds)
+            scores[s["instance"]["id"]] = (s["instance"]["split"], max(fns[metric](g, theirs) for g in golds))
 
-        def plain(x):
-            return x["name"]["name"] == metric and x["name"].get("split") == "test" and "perturbation" not in x["name"]
+        def plain(x, split=None):   # the metric's unperturbed stat (of one evaluation split)
+            n = x["name"]
+            return n["name"] == metric and "perturbation" not in n and n.get("split") in ((split,) if split else
+                                                                                          ("test", "valid"))
         per_instance = {p["instance_id"]: next(x for x in p["stats"] if plain(x))["sum"]
                         for p in load(run_dir, "per_instance_stats.json")}
-        assert per_instance == scores, desc
-        stat = next(x for x in load(run_dir, "stats.json") if plain(x))   # the mean over instances (one trial)
-        assert stat["sum"] / stat["count"] == pytest.approx(np.mean(list(scores.values()))), desc
+        assert per_instance == {i: v for i, (_, v) in scores.items()}, desc
+        for split in {sp for sp, _ in scores.values()}:   # HELM's aggregate: the mean over instances (one trial)
+            stat = next(x for x in load(run_dir, "stats.json") if plain(x, split))
+            expect = np.mean([v for sp, v in scores.values() if sp == split])
+            assert stat["sum"] / stat["count"] == pytest.approx(expect), (desc, split)
 
 
 def test_helm_summarize_reads_the_runs(helm_runs):
