@@ -367,15 +367,8 @@ def run(args, lm_class, log_prefix: str):
         total_throughput = num_prompts * gen_len / total_latency
         gpu_peak_mem = torch.cuda.max_memory_allocated(env.device) if env.is_cuda else 0
 
-        if tok is not None and args.verbose >= 2:
-            outputs = tok.batch_decode(output_ids[:, args.prompt_len:], skip_special_tokens=True)
-            prompts = tok.batch_decode(output_ids[:, :args.prompt_len], skip_special_tokens=True)
-            show = "Outputs:\n" + 70 * "-" + "\n"
-            for i in sorted({0, len(outputs) - 1}):
-                show += f"{i}: {prompts[i]}{outputs[i]}\n" + "-" * 70 + "\n"
-            print(show)
-        elif args.verbose >= 2:
-            print(f"(no tokenizer: generated ids of sequence 0) {output_ids[0, args.prompt_len:].tolist()}")
+        if args.verbose >= 2:
+            show_outputs(tok, output_ids, args.prompt_len)
 
         log_str = benchmark_log(fam.model_bytes(), cache_size, hidden_size, gpu_peak_mem, projected,
                                 prefill_latency, prefill_throughput, decode_latency, decode_throughput,
@@ -534,16 +527,31 @@ def open_model(args, policy=None, need_tokenizer: bool = False, workload=None):
     return lm, env
 
 
-def main_errors(fn, extra=()):
-    """Run fn; a user error ends the process with one `error:` line and exit status 2."""
+def main_errors(fn, extra=(), interrupted: str = "interrupted"):
+    """Run fn; a user error ends the process with one `error:` line and exit status 2, Ctrl-C
+    with the `interrupted` line and status 130."""
     try:
         return fn()
     except (*user_errors(), *extra) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         sys.exit(130)
+
+
+def show_outputs(tok, output_ids, prompt_len: int) -> None:
+    """The first and last sequences' text (FlexGen's "Outputs:" block), or the generated ids of the
+    first without a tokenizer."""
+    if tok is None:
+        print(f"(no tokenizer: generated ids of sequence 0) {output_ids[0, prompt_len:].tolist()}")
+        return
+    outputs = tok.batch_decode(output_ids[:, prompt_len:], skip_special_tokens=True)
+    prompts = tok.batch_decode(output_ids[:, :prompt_len], skip_special_tokens=True)
+    show = "Outputs:\n" + 70 * "-" + "\n"
+    for i in sorted({0, len(outputs) - 1}):
+        show += f"{i}: {prompts[i]}{outputs[i]}\n" + "-" * 70 + "\n"
+    print(show)
 
 
 # FlexGen's --debug-mode fewer_batch timed the prefill and a few decode layers, then projected the

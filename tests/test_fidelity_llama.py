@@ -68,14 +68,7 @@ def test_matches_transformers_generate(zoo, open_lm, name):
     """Unpadded equal-length prompts: the whole output equals model.generate(do_sample=False)."""
     if DEVICE_TYPE != "cpu":
         pytest.skip("exact equality with transformers' generate is a float32 (CPU) check")
-    ref = zoo.reference(name)
-    pad = T.pad_id_of(name)
-    prompts = T.make_prompts(3, 9, 320, pad, seed=5, min_len=9)
-    with open_lm(name, T.make_policy("cache_split_cpu_attn", gpu_batch_size=3, num_gpu_batches=1)) as lm:
-        ours = lm.generate(prompts, max_new_tokens=10)
-    theirs = ref.generate(torch.as_tensor(prompts), do_sample=False, max_new_tokens=10, eos_token_id=None,
-                          pad_token_id=pad, attention_mask=torch.ones(prompts.shape, dtype=torch.long))
-    np.testing.assert_array_equal(ours, theirs.numpy())
+    T.assert_matches_hf_generate(open_lm, zoo.reference(name), name, 10)
 
 
 @pytest.mark.parametrize("placement", ["all_compute", "mixed_ngb3", "cache_split_cpu_attn"])

@@ -320,3 +320,15 @@ def prompts_with_pad_inside(name: str, n: int, length: int, seed: int = 0):
         real = np.nonzero(mask[r])[0]
         prompts[r, rng.choice(real[1:], size=min(2, len(real) - 1), replace=False)] = pad
     return prompts, mask
+
+
+def assert_matches_hf_generate(open_lm, ref, name: str, max_new_tokens: int):
+    """Unpadded equal-length prompts: our whole output equals transformers' own generate
+    (do_sample=False; its incremental decoding and cache), on a split cache with CPU attention."""
+    pad = pad_id_of(name)
+    prompts = make_prompts(3, 9, 320, pad, seed=5, min_len=9)
+    with open_lm(name, make_policy("cache_split_cpu_attn", gpu_batch_size=3, num_gpu_batches=1)) as lm:
+        ours = lm.generate(prompts, max_new_tokens=max_new_tokens)
+    theirs = ref.generate(torch.as_tensor(prompts), do_sample=False, max_new_tokens=max_new_tokens,
+                          eos_token_id=None, pad_token_id=pad, attention_mask=torch.ones(prompts.shape, dtype=torch.long))
+    np.testing.assert_array_equal(ours, theirs.numpy())

@@ -31,7 +31,7 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from ..cli import add_arguments, open_model, policy_from_args, positive_int, user_errors
+from ..cli import add_arguments, main_errors, open_model, policy_from_args, positive_int
 from ..engine.generate import GenerationError
 from ..models.registry import EMBEDDED_DEFAULT
 from ..requests import RequestRunner
@@ -418,15 +418,8 @@ def run_cli(args) -> dict:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        summary = run_cli(args)
-    except (*user_errors(), BatchInputError, BatchOutputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"interrupted: finished chunks are in {args.output}; rerun the same command to resume",
-              file=sys.stderr)
-        sys.exit(130)
+    summary = main_errors(lambda: run_cli(args), (BatchInputError, BatchOutputError),
+                          f"interrupted: finished chunks are in {args.output}; rerun the same command to resume")
     print(format_summary(summary), flush=True)
 
 

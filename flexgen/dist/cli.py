@@ -303,15 +303,7 @@ def _report(args, model, family, policy, M, world, result, stats, log_prefix, ve
     cache_size = family.cache_bytes(num_prompts, args.prompt_len + gen_len)
     hidden_size = family.hidden_bytes(num_prompts, args.prompt_len + gen_len)
     if verbose >= 2:
-        if tok is not None:
-            outputs = tok.batch_decode(out[:, args.prompt_len:], skip_special_tokens=True)
-            prompts = tok.batch_decode(out[:, :args.prompt_len], skip_special_tokens=True)
-            show = "Outputs:\n" + 70 * "-" + "\n"
-            for i in sorted({0, len(outputs) - 1}):
-                show += f"{i}: {prompts[i]}{outputs[i]}\n" + "-" * 70 + "\n"
-            print(show)
-        else:
-            print(f"(no tokenizer: generated ids of sequence 0) {out[0, args.prompt_len:].tolist()}")
+        cli.show_outputs(tok, out, args.prompt_len)
     gpu_peak = max(s["gpu_peak"] for s in stats)
     log_str = cli.benchmark_log(family.model_bytes(), cache_size, hidden_size, gpu_peak, projected,
                                 prefill_latency, prefill_throughput, decode_latency, decode_throughput,

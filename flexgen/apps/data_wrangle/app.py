@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from ...cli import add_arguments, positive_int, user_errors
+from ...cli import add_arguments, main_errors, positive_int
 from ...models.registry import EMBEDDED_DEFAULT
 from ..resumable import ResultsFileError, append_records, id_key, load_done, locked_output
 from .datasets import TASKS, DatasetError, read_dataset
@@ -270,15 +270,8 @@ def main(argv=None):
     if argv[:1] == ["prepare"]:
         return prepare_main(argv[1:])
     args = build_parser().parse_args(argv)
-    try:
-        summary = run(args)
-    except (*user_errors(), DatasetError, ResultsFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"interrupted: finished examples are in {args.output_dir}; rerun the same command to resume",
-              file=sys.stderr)
-        sys.exit(130)
+    summary = main_errors(lambda: run(args), (DatasetError, ResultsFileError),
+                          f"interrupted: finished examples are in {args.output_dir}; rerun the same command to resume")
     print(format_summary(summary), flush=True)
 
 
