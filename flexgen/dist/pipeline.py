@@ -24,8 +24,8 @@ import time
 import numpy as np
 import torch
 
-from ..engine.generate import GenerationError
-from ..engine.sampling import Sampler, SamplingParams
+from ..engine.generate import fill_block, widen
+from ..engine.schedule import new_timings
 from ..models.registry import resolve_model
 from .stages import describe_stage, split_stages
 
@@ -70,17 +70,10 @@ class PipelineLM:
                  attention_mask=None, **_ignored):
         """As LM.generate (token ids, same shape and padding rules), through the pipeline."""
         lm = self.lm
-        ids = lm._check_inputs(inputs, max_new_tokens)
-        mask = lm._prompt_mask(ids, attention_mask)
-        try:
-            params = SamplingParams(do_sample, temperature, top_k, top_p, seed)
-        except ValueError as e:
-            raise GenerationError(str(e)) from e
-        steps = min(max_new_tokens, cut_gen_len) if cut_gen_len else max_new_tokens
-        stop_ids = lm._stop_ids(stop)
-        sampler = Sampler(params, self.env.device)
+        ids, mask, steps, stop_ids, sampler = lm.prepare_generation(
+            inputs, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p, seed, cut_gen_len, stop)
         self.timings = {"prefill": [], "decode": []}
-        lm.runner.timings = {"prefill": [], "decode": [], "cpu_attention": [], "gpu_wait": []}
+        lm.runner.timings = new_timings()
         self.wait_s = 0.0
         block = self.policy.block_size
         group = block * self.num_inner_iterations
@@ -89,22 +82,15 @@ class PipelineLM:
             part, part_mask = ids[g:g + group], mask[g:g + group]
             micro = []
             for b in range(0, len(part), block):
-                p, pm = part[b:b + block], part_mask[b:b + block]
-                n = len(p)
-                if n < block:  # a short last block: filled with copies of its first prompt
-                    p = np.concatenate([p, np.repeat(p[:1], block - n, axis=0)])
-                    pm = np.concatenate([pm, np.repeat(pm[:1], block - n, axis=0)])
-                micro.append((p, pm, n))
+                micro.append((fill_block(part[b:b + block], block), fill_block(part_mask[b:b + block], block),
+                              min(block, len(part) - b)))
             res = self._run_group(micro, steps, sampler, stop_ids)
             if res is not None:
                 outs.extend(r[:n] for r, (_, _, n) in zip(res, micro))
         self.comm.flush()
         if self.stage != 0:
             return None
-        out = np.concatenate(outs)
-        if steps < max_new_tokens:
-            out = np.pad(out, ((0, 0), (0, max_new_tokens - steps)), constant_values=lm.info.pad_token_id)
-        return out
+        return widen(np.concatenate(outs), max_new_tokens - steps, lm.info.pad_token_id)
 
     def _run_group(self, micro, T, sampler, stop_ids):
         """Run one group of micro-batches through the pipeline for T steps. Stage 0 returns each

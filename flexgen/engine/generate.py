@@ -119,6 +119,19 @@ class LM:
         chat prompts whose pad is their end-of-turn token). With return_logprobs, also returns
         (num_prompts, max_new_tokens) log-probabilities of the generated tokens under the model
         (0 after a sequence has stopped)."""
+        ids, mask, steps, stop_ids, sampler = self.prepare_generation(
+            inputs, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p, seed, cut_gen_len, stop)
+        results = self._run_blocks(ids, mask, steps, sampler, stop_ids, on_step, want_logprobs=return_logprobs)
+        missing = max_new_tokens - steps
+        out = widen(np.concatenate([r.ids for r in results]), missing, self.info.pad_token_id)
+        if not return_logprobs:
+            return out
+        return out, widen(np.concatenate([r.logprobs for r in results]), missing, 0.0)
+
+    def prepare_generation(self, inputs, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
+                           seed, cut_gen_len, stop):
+        """generate()'s arguments checked and turned into (ids, mask, steps, stop ids, sampler),
+        for this class and the pipeline."""
         ids = self._check_inputs(inputs, max_new_tokens)
         mask = self._prompt_mask(ids, attention_mask)
         try:
@@ -127,19 +140,7 @@ class LM:
             raise GenerationError(str(e)) from e
         # cut_gen_len (FlexGen's debugging aid) runs fewer steps; the output keeps its full width.
         steps = min(max_new_tokens, cut_gen_len) if cut_gen_len else max_new_tokens
-        stop_ids = self._stop_ids(stop)
-        sampler = Sampler(params, self.env.device)
-        results = self._run_blocks(ids, mask, steps, sampler, stop_ids, on_step, want_logprobs=return_logprobs)
-        pad = self.info.pad_token_id
-        out = np.concatenate([r.ids for r in results])
-        if steps < max_new_tokens:
-            out = np.pad(out, ((0, 0), (0, max_new_tokens - steps)), constant_values=pad)
-        if not return_logprobs:
-            return out
-        logprobs = np.concatenate([r.logprobs for r in results])
-        if steps < max_new_tokens:
-            logprobs = np.pad(logprobs, ((0, 0), (0, max_new_tokens - steps)))
-        return out, logprobs
+        return ids, mask, steps, self._stop_ids(stop), Sampler(params, self.env.device)
 
     def score(self, inputs, attention_mask=None) -> np.ndarray:
         """Log-probability of every prompt token given the tokens before it (column 0 and
@@ -193,14 +194,9 @@ class LM:
         block = self.policy.block_size
         results = []
         for b in range(0, len(ids), block):
-            part, part_mask = ids[b:b + block], mask[b:b + block]
-            part_forced = None if forced is None else forced[b:b + block]
-            n = len(part)
-            if n < block:  # a short last block: fill it with copies of its first prompt
-                part = np.concatenate([part, np.repeat(part[:1], block - n, axis=0)])
-                part_mask = np.concatenate([part_mask, np.repeat(part_mask[:1], block - n, axis=0)])
-                if part_forced is not None:
-                    part_forced = np.concatenate([part_forced, np.repeat(part_forced[:1], block - n, axis=0)])
+            part, part_mask = fill_block(ids[b:b + block], block), fill_block(mask[b:b + block], block)
+            part_forced = None if forced is None else fill_block(forced[b:b + block], block)
+            n = min(block, len(ids) - b)
             r = self.runner.run(part, part_mask, steps, sampler, stop_ids, self.info.pad_token_id, on_step,
                                 forced=part_forced, **kw)
             for name in BlockResult.FIELDS:
@@ -261,6 +257,18 @@ class LM:
     def close(self):
         self.weights.close()
         self.env.release_spares()
+
+
+def fill_block(rows: np.ndarray, block: int) -> np.ndarray:
+    """A short last block filled up to the block's size with copies of its first row (the
+    engine's block shape is fixed by the policy; the copies' results are dropped)."""
+    n = len(rows)
+    return rows if n >= block else np.concatenate([rows, np.repeat(rows[:1], block - n, axis=0)])
+
+
+def widen(out: np.ndarray, missing: int, value) -> np.ndarray:
+    """`missing` more columns (the steps cut_gen_len did not run), filled with value."""
+    return out if missing <= 0 else np.pad(out, ((0, 0), (0, missing)), constant_values=value)
 
 
 def _cached_hub_snapshot(name):
