@@ -127,10 +127,13 @@ class RequestRunner:
                 if on_result is not None:
                     on_result(i, results[i])
                 continue
-            results[i] = GenerationResult(ids, [None] * max(r.n, 1) if r.max_new_tokens > 0 else [])
-            for j in range(max(r.n, 1)):
-                rows.append((i, j, ids))
-        pending = {i: len(results[i].completions) for i in range(len(requests)) if results[i].error is None}
+            # n rows for n completions; a prompt that is only scored (echo, no new tokens) runs once
+            copies = max(r.n, 1) if r.max_new_tokens > 0 else 1
+            results[i] = GenerationResult(ids, [None] * copies if r.max_new_tokens > 0 else [])
+            rows.extend((i, j, ids) for j in range(copies))
+        pending = {}          # rows still to run per request: its result is handed on at 0
+        for i, _, _ in rows:
+            pending[i] = pending.get(i, 0) + 1
         groups = {}
         for row in rows:
             groups.setdefault(requests[row[0]].group_key(), []).append(row)
@@ -142,7 +145,7 @@ class RequestRunner:
                     self._generate_block(req, part, results, requests)
                     for i, j, _ in part:
                         pending[i] -= 1
-                        if pending[i] <= 0 and on_result is not None:
+                        if pending[i] == 0 and on_result is not None:
                             on_result(i, results[i])
                     bar.update(len(part))
         self._count(requests, results, t0)
@@ -157,7 +160,7 @@ class RequestRunner:
                                 top_k=req.top_k, top_p=req.top_p, seed=req.seed)
         want_lp = req.logprobs or req.top_logprobs > 0
         out = self._run_retrying(lambda rows, m: lm.run_rows(rows, m, steps, params, sorted(stop_ids) or None,
-                                                             logprobs=want_lp or req.echo,
+                                                             logprobs=want_lp,
                                                              top_logprobs=req.top_logprobs, score=req.echo),
                                  ids, mask)
         for r, (i, j, prompt) in enumerate(part):
