@@ -298,3 +298,15 @@ def test_stop_sequences_cut_text_and_tokens(tiny):
     covered = "".join(t.text for t in c.tokens)
     assert covered.startswith(c.text) and len(c.tokens) < 12
     assert c.logprob == pytest.approx(sum(t.logprob for t in c.tokens))
+
+
+def test_stand_in_tokenizer_from_a_directory_of_tokenizer_files(tmp_path, monkeypatch):
+    """--tokenizer DIR (a stand-in for dummy weights, e.g. a saved tokenizer carried to a machine
+    without the model): loaded through the same cache, without deadlocking on its lock."""
+    from test_apps import byte_tokenizer
+    from flexgen.integrations import helm_client
+    monkeypatch.setattr(helm_client, "_tokenizers", {})
+    byte_tokenizer(tmp_path / "tok")
+    tok = helm_client.model_tokenizer("facebook/opt-30b", "_DUMMY_", str(tmp_path / "tok"))
+    assert tok.eos_token == "</s>" and tok("the of a")["input_ids"]
+    assert helm_client.model_tokenizer("facebook/opt-30b", "_DUMMY_", str(tmp_path / "tok")) is tok

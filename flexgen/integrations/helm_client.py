@@ -81,7 +81,8 @@ def parse_engine_flags(model: str, flags) -> argparse.Namespace:
 # ---- the model's own tokenizer, offline -------------------------------------------------------------
 
 _tokenizers: dict = {}
-_tokenizers_lock = threading.Lock()
+# re-entrant: a stand-in tokenizer (--tokenizer) is loaded through model_tokenizer itself
+_tokenizers_lock = threading.RLock()
 
 
 def model_tokenizer(model: str, path: Optional[str] = None, tokenizer: Optional[str] = None):
@@ -100,6 +101,10 @@ def _load_tokenizer(model, path, tokenizer):
     from ..weights import WeightsError, load_tokenizer
     if tokenizer is not None and tokenizer != model:
         return model_tokenizer(tokenizer)
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        tok = load_tokenizer(model)    # a directory of tokenizer files only (a stand-in's)
+        if tok is not None:
+            return tok
     resolved = resolve_model(model)
     # The engine keeps a GGUF's rebuilt tokenizer in its weight cache (seconds faster to load).
     root = os.path.expanduser(path or os.path.join("~", resolved.family.family + "_weights"))
