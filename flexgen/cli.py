@@ -147,6 +147,9 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str, default_p
     parser.add_argument("--no-log", action="store_true")
     parser.add_argument("--verbose", type=int, default=2)
     parser.add_argument("--overlap", type=str2bool, nargs="?", const=True, default=True)
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="decode without CUDA graphs (they are used when weights, cache and activations "
+                             "are all on the GPU)")
     parser.add_argument("--device", type=str, default="auto", help="compute device: auto, cuda[:N] or cpu")
     parser.add_argument("--force", action="store_true",
                         help="run even when the memory check predicts the policy does not fit")
@@ -234,7 +237,8 @@ def policy_from_args(args, gpu_batch_size=None, num_gpu_batches=None, percent=No
                                                        group_dim=g["comp_weight_dim"], symmetric=False),
                   compress_cache=args.compress_cache,
                   comp_cache_config=CompressionConfig(num_bits=args.comp_bits, group_size=g["comp_cache_group"],
-                                                      group_dim=2, symmetric=False))
+                                                      group_dim=2, symmetric=False),
+                  cuda_graphs=getattr(args, "cuda_graphs", True))
 
 
 def get_filename(args, prefix: str) -> str:
