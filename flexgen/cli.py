@@ -166,13 +166,15 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str, default_p
 
 
 def env_from_args(args) -> ExecutionEnv:
-    """ExecutionEnv.create with the shared flags (device, offload dir, threads, NUMA)."""
-    return ExecutionEnv.create(args.offload_dir, device=args.device,
-                               cpu_threads=getattr(args, "cpu_threads", None),
-                               io_threads=getattr(args, "io_threads", None),
-                               numa_node=getattr(args, "cpu_numa_node", None),
-                               numa_interleave=getattr(args, "cpu_numa_interleave", None),
-                               gpu_mem=getattr(args, "gpu_mem", None), cpu_mem=getattr(args, "cpu_mem", None))
+    """ExecutionEnv.create with the shared flags (device, offload dir, threads, NUMA, graphs)."""
+    env = ExecutionEnv.create(args.offload_dir, device=args.device,
+                              cpu_threads=getattr(args, "cpu_threads", None),
+                              io_threads=getattr(args, "io_threads", None),
+                              numa_node=getattr(args, "cpu_numa_node", None),
+                              numa_interleave=getattr(args, "cpu_numa_interleave", None),
+                              gpu_mem=getattr(args, "gpu_mem", None), cpu_mem=getattr(args, "cpu_mem", None))
+    env.cuda_graphs = getattr(args, "cuda_graphs", True)
+    return env
 
 
 def wants_auto(args) -> bool:
@@ -237,8 +239,7 @@ def policy_from_args(args, gpu_batch_size=None, num_gpu_batches=None, percent=No
                                                        group_dim=g["comp_weight_dim"], symmetric=False),
                   compress_cache=args.compress_cache,
                   comp_cache_config=CompressionConfig(num_bits=args.comp_bits, group_size=g["comp_cache_group"],
-                                                      group_dim=2, symmetric=False),
-                  cuda_graphs=getattr(args, "cuda_graphs", True))
+                                                      group_dim=2, symmetric=False))
 
 
 def get_filename(args, prefix: str) -> str:

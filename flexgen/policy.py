@@ -53,8 +53,6 @@ class Policy:
     comp_weight_config: CompressionConfig = field(default_factory=CompressionConfig)
     compress_cache: bool = False
     comp_cache_config: CompressionConfig = field(default_factory=lambda: CompressionConfig(group_dim=2))
-    # Replay decode steps as CUDA graphs when everything stays on the GPU (engine/graphs.py).
-    cuda_graphs: bool = True
 
     def __post_init__(self):
         validate_policy(self)

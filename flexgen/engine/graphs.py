@@ -25,7 +25,7 @@ peak). The graphs' own memory is one step's intermediates per GPU batch, in one 
 P4 about 1 MiB per graph: an (8, 16384) MLP activation, (8, 32, 544) float32 scores, (8, 50272)
 logits), and the static inputs are a few KiB: both negligible next to the cache.
 
-FLEXGEN_CUDA_GRAPHS=0 (or Policy.cuda_graphs False, `--no-cuda-graphs`) turns this off;
+FLEXGEN_CUDA_GRAPHS=0 (or ExecutionEnv.cuda_graphs = False, the CLI's `--no-cuda-graphs`) turns this off;
 FLEXGEN_CUDA_GRAPHS=static runs the static step without capture on any device (the CPU tests
 prove with it that the static formulation gives the eager path's tokens).
 """
@@ -42,12 +42,12 @@ from .attention import attend as attention_core
 ENV_VAR = "FLEXGEN_CUDA_GRAPHS"
 
 
-def graph_mode(policy, env) -> str | None:
+def graph_mode(env) -> str | None:
     """"graph" (capture and replay), "static" (the capturable step run eagerly) or None."""
     flag = os.environ.get(ENV_VAR, "1").strip().lower()
     if flag not in ("", "1", "0", "static"):
         raise PolicyError(f"{ENV_VAR} must be 1 (CUDA graphs where possible), 0 (off) or static, got {flag!r}")
-    if flag == "0" or not getattr(policy, "cuda_graphs", True):
+    if flag == "0" or not env.cuda_graphs:
         return None
     if flag == "static":
         return "static"

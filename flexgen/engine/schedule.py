@@ -114,7 +114,7 @@ class BlockRunner:
         assert B == gbs * ngb
         blk = _Block(env.device, ids, prompt_mask, T, sampler, stop_ids, pad_id, gbs, want_logprobs, score, forced,
                      top_logprobs)
-        mode = graph_mode(p, env) if T > 1 and not self.graphs.in_use else None
+        mode = graph_mode(env) if T > 1 and not self.graphs.in_use else None
         if mode is not None and ineligible(self) is None:
             return BlockState(blk, self.graphs.open(s0, T, mode), ActivationStore(env, p.percents("act"), self.dtype),
                               graphs=self.graphs)
