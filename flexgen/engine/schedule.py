@@ -118,6 +118,8 @@ class BlockRunner:
         if mode is not None and ineligible(self) is None:
             return BlockState(blk, self.graphs.open(s0, T, mode), ActivationStore(env, p.percents("act"), self.dtype),
                               graphs=self.graphs)
+        if not self.graphs.in_use:   # never hold a graph block's caches beside another block's
+            self.graphs.close()
         return BlockState(blk, self.make_caches(s0 + T), ActivationStore(env, p.percents("act"), self.dtype))
 
     def make_caches(self, max_len: int) -> dict:
