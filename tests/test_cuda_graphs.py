@@ -191,3 +191,24 @@ def test_captured_graphs_match_static_step(open_lm, monkeypatch, name):
     assert key is not None
     np.testing.assert_array_equal(out, static)
     np.testing.assert_allclose(lp, static_lp, atol=1e-3)
+
+
+def test_prepare_leaves_the_shape_ready(open_lm, monkeypatch):
+    """The CLI's warm-up (runner.prepare) opens, steps twice and closes a block of the benchmark's
+    shape: the next block of that shape reuses its caches and gives the tokens it would anyway."""
+    monkeypatch.setenv(graphs.ENV_VAR, STATIC)
+    name = "opt-tiny"
+    policy = T.make_policy("all_compute", gpu_batch_size=2, num_gpu_batches=2)
+    prompts = T.make_prompts(4, 10, 320, T.pad_id_of(name), seed=5)
+    with open_lm(name, policy) as lm:
+        r = lm.runner
+        assert r.graph_mode(6) == STATIC.replace("1", "graph") and r.graph_mode(1) is None
+        r.prepare(prompts, prompts != T.pad_id_of(name), 6, T.pad_id_of(name))
+        assert r.timings["decode"] == [] and r.graphs.key == (2, 2, 16) and not r.graphs.in_use
+        caches = dict(r.graphs.caches)
+        out = lm.generate(prompts, max_new_tokens=6)
+        assert all(r.graphs.caches[k] is c for k, c in caches.items())
+    monkeypatch.setenv(graphs.ENV_VAR, "0")
+    with open_lm(name, policy) as lm:
+        assert lm.runner.graph_mode(6) is None
+        assert_same_tokens(out, lm.generate(prompts, max_new_tokens=6))

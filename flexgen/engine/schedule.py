@@ -114,13 +114,36 @@ class BlockRunner:
         assert B == gbs * ngb
         blk = _Block(env.device, ids, prompt_mask, T, sampler, stop_ids, pad_id, gbs, want_logprobs, score, forced,
                      top_logprobs)
-        mode = graph_mode(env) if T > 1 and not self.graphs.in_use else None
-        if mode is not None and ineligible(self) is None:
+        mode = self.graph_mode(T) if not self.graphs.in_use else None
+        if mode is not None:
             return BlockState(blk, self.graphs.open(s0, T, mode), ActivationStore(env, p.percents("act"), self.dtype),
                               graphs=self.graphs)
         if not self.graphs.in_use:   # never hold a graph block's caches beside another block's
             self.graphs.close()
         return BlockState(blk, self.make_caches(s0 + T), ActivationStore(env, p.percents("act"), self.dtype))
+
+    def graph_mode(self, max_new_tokens: int):
+        """How a block of max_new_tokens would decode: "graph", "static" (engine/graphs.py) or None."""
+        if max_new_tokens < 2:   # no decode step
+            return None
+        mode = graph_mode(self.env)
+        return mode if mode is not None and ineligible(self) is None else None
+
+    def prepare(self, ids, prompt_mask, max_new_tokens: int, pad_id: int):
+        """Run the first two steps of a block of this shape and drop its tokens: what the shape
+        costs once (capturing the decode graphs) is paid here, and the next block of the shape
+        reuses it (a benchmark's warm-up)."""
+        from .sampling import Sampler, SamplingParams
+        state = self.open_block(ids, prompt_mask, max_new_tokens, Sampler(SamplingParams(), self.env.device), None,
+                                pad_id)
+        completed = False
+        try:
+            for i in range(min(2, max_new_tokens)):
+                self.run_step(state, i)
+            completed = True
+        finally:
+            self.close_block(state, completed)
+        self.timings = new_timings()
 
     def make_caches(self, max_len: int) -> dict:
         """{(layer, GPU batch): LayerCache} of max_len positions for every attention layer."""
