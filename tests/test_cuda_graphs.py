@@ -212,3 +212,50 @@ def test_prepare_leaves_the_shape_ready(open_lm, monkeypatch):
     with open_lm(name, policy) as lm:
         assert lm.runner.graph_mode(6) is None
         assert_same_tokens(out, lm.generate(prompts, max_new_tokens=6))
+
+
+def test_failed_capture_decodes_on_without_graphs(open_lm, monkeypatch):
+    """A step that cannot be captured (simulated: CUDA's capture refuses) keeps the warm-up's
+    result, warns once and decodes on with the static step: the same tokens, no crash."""
+    import contextlib
+    from flexgen.engine import schedule
+
+    class Stream:
+        def __init__(self, *a):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    made = []
+
+    class RefusingGraph:
+        def __init__(self):
+            made.append(self)
+
+        def capture_begin(self, **kw):
+            pass
+
+        def capture_end(self):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", RefusingGraph)
+    name = "llama-tiny-gqa"
+    policy = T.make_policy("all_compute", gpu_batch_size=2, num_gpu_batches=2)
+    prompts = T.make_prompts(8, 10, 320, T.pad_id_of(name), seed=6)
+    monkeypatch.setenv(graphs.ENV_VAR, "0")
+    with open_lm(name, policy) as lm:
+        eager = lm.generate(prompts, max_new_tokens=6)
+    monkeypatch.setattr(schedule, "graph_mode", lambda env: "graph")
+    with open_lm(name, policy) as lm:
+        with pytest.warns(UserWarning, match="capture failed"):
+            out = lm.generate(prompts, max_new_tokens=6)
+        assert "not permitted" in lm.runner.graphs.failed and len(made) == 1
+        again = lm.generate(prompts, max_new_tokens=6)
+        assert len(made) == 1, "a runner whose capture failed must not try again"
+    assert_same_tokens(out, eager)
+    assert_same_tokens(again, eager)

@@ -32,6 +32,7 @@ prove with it that the static formulation gives the eager path's tokens).
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -99,6 +100,7 @@ class DecodeGraphs:
         self.capture = False
         self.in_use = False
         self.pool = self.stream = None
+        self.failed = None   # why a capture failed: this runner then runs the static step uncaptured
 
     def open(self, s0: int, T: int, mode: str) -> dict:
         """The caches for a block of s0 + T positions (kept from the last block of this shape)."""
@@ -116,7 +118,7 @@ class DecodeGraphs:
         for c in self.caches.values():
             for rows in c.resident_rows(0, s0 + T, s0):
                 rows.zero_()
-        self.capture = mode == "graph"
+        self.capture = mode == "graph" and self.failed is None
         self.in_use = True
         self.fresh = set(range(p.num_gpu_batches))   # batches whose prompt mask is not copied yet
         return dict(self.caches)
@@ -203,21 +205,39 @@ class DecodeGraphs:
             self.stream = torch.cuda.Stream(dev)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        self.stream.wait_stream(main)
+        stream = self.stream
+        stream.wait_stream(main)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(stream):
             out = self._forward(k, b)
-            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
-                b.logits = self._forward(k, b)
-            except BaseException:
-                try:   # leave the stream out of capture mode; the first error is the one to see
-                    graph.capture_end()
-                except Exception:
-                    pass
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    b.logits = self._forward(k, b)
+                except BaseException:
+                    try:   # leave the stream out of capture mode; the first error is the one to report
+                        graph.capture_end()
+                    except Exception:
+                        pass
+                    raise
+                graph.capture_end()
+            except torch.cuda.OutOfMemoryError:
                 raise
-            graph.capture_end()
-        main.wait_stream(self.stream)
-        out.record_stream(main)
-        b.graph = graph
+            except RuntimeError as e:   # something in the step cannot be captured: decode on without
+                self._give_up(e)
+            else:
+                b.graph = graph
+        main.wait_stream(stream)
+        if out.is_cuda:
+            out.record_stream(main)
         return out
+
+    def _give_up(self, e):
+        """After a failed capture: the step's result (the warm-up's) stands; this runner's later
+        steps run the static step uncaptured (the same tokens, eager speed)."""
+        self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        warnings.warn(f"CUDA graph capture failed ({self.failed}); decoding without graphs")
+        self.capture = False
+        self.stream = self.pool = None   # a stream left mid-capture is not used again
+        for b in self.batches.values():
+            b.graph, b.logits = None, None
