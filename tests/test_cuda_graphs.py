@@ -116,7 +116,7 @@ def test_caches_and_graphs_kept_for_blocks_of_one_shape(open_lm, monkeypatch):
         assert all(g.caches[key] is c for key, c in caches.items())
         assert all(g.batches[k] is x for k, x in batches.items())
         again = lm.generate(p1, max_new_tokens=6)   # stale rows of the last block change nothing
-        np.testing.assert_array_equal(again, a)
+        assert_same_tokens(again, a)
         lm.generate(p1, max_new_tokens=4)
         assert g.key == (2, 2, 14) and all(c.k.segments == [] for c in caches.values())
         lm.generate(p1, max_new_tokens=1)   # prefill only, eager: the graphs' caches are freed before its own
@@ -189,8 +189,9 @@ def test_captured_graphs_match_static_step(open_lm, monkeypatch, name):
     static, static_lp, _ = _generate(open_lm, name, policy, prompts, "static", monkeypatch, max_new_tokens=8)
     out, lp, key = _generate(open_lm, name, policy, prompts, "1", monkeypatch, max_new_tokens=8)
     assert key is not None
-    np.testing.assert_array_equal(out, static)
-    np.testing.assert_allclose(lp, static_lp, atol=1e-3)
+    assert_same_tokens(out, static)
+    if (out == static).all():
+        np.testing.assert_allclose(lp, static_lp, atol=1e-3)
 
 
 def test_prepare_leaves_the_shape_ready(open_lm, monkeypatch):
@@ -214,6 +215,7 @@ def test_prepare_leaves_the_shape_ready(open_lm, monkeypatch):
         assert_same_tokens(out, lm.generate(prompts, max_new_tokens=6))
 
 
+@pytest.mark.skipif(DEVICE_TYPE != "cpu", reason="replaces torch.cuda's capture with a fake")
 def test_failed_capture_decodes_on_without_graphs(open_lm, monkeypatch):
     """A step that cannot be captured (simulated: CUDA's capture refuses) keeps the warm-up's
     result, warns once and decodes on with the static step: the same tokens, no crash."""
