@@ -150,7 +150,8 @@ def profile_decode(lm, ids):
             lm.generate(ids, max_new_tokens=32)
     finally:
         del runner.run_step
-    events = prof.events()
+    # host-side events only (the annotation also appears on the GPU's timeline)
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     steps = [(e.time_range.start, e.time_range.end) for e in events if e.name == "flexgen_decode_step"]
     counts = {}
     for e in events:
