@@ -197,8 +197,8 @@ class DecodeGraphs:
         return attend
 
     def _capture(self, k, b):
-        """Run the step once on the capture stream (the warm-up CUDA graphs need, and this step's
-        result), then record it as GPU batch k's graph."""
+        """Run the step once on the capture stream (the warm-up CUDA graphs need), record it as GPU
+        batch k's graph and replay that for this step (rewriting the same cache row)."""
         dev = self.runner.env.device
         main = torch.cuda.current_stream(dev)
         if self.stream is None:
@@ -228,12 +228,15 @@ class DecodeGraphs:
             else:
                 b.graph = graph
         main.wait_stream(stream)
+        if b.graph is not None:   # this step's result from the graph too, as every later step's:
+            b.graph.replay()      # no token of a run comes from different kernels than the next
+            return b.logits
         if out.is_cuda:
             out.record_stream(main)
         return out
 
     def _give_up(self, e):
-        """After a failed capture: the step's result (the warm-up's) stands; this runner's later
+        """After a failed capture: the warm-up's result is the step's; this runner's later
         steps run the static step uncaptured (the same tokens, eager speed)."""
         self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         warnings.warn(f"CUDA graph capture failed ({self.failed}); decoding without graphs")
