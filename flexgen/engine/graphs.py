@@ -21,9 +21,11 @@ A graph holds the addresses of the tensors it read when captured, so the KV cach
 block are kept here across blocks: a later block of the same shape (GPU batch size, number of GPU
 batches, capacity) reuses the caches and the graphs. Another shape frees them first, so at most
 one block's caches are held, the memory an eager block holds while it runs (the memory model's
-peak). The graphs' own memory is one step's intermediates per GPU batch, in one shared pool (for
-P4 about 1 MiB per graph: an (8, 16384) MLP activation, (8, 32, 544) float32 scores, (8, 50272)
-logits), and the static inputs are a few KiB: both negligible next to the cache.
+peak; an eager block of another shape frees them before it allocates its own). The graphs' own
+memory is one step's live intermediates per GPU batch, in one shared pool (P4: ~2 MiB of tensors,
+(8, 32, 544) float32 scores, an (8, 16384) MLP activation, (8, 50272) logits; the pool rounds them
+up to allocator segments of 2-20 MiB), and the static inputs are a few KiB: both negligible next
+to the 13 GB of weights and 2.3 GB of cache, so the memory model leaves them out.
 
 FLEXGEN_CUDA_GRAPHS=0 (or ExecutionEnv.cuda_graphs = False, the CLI's `--no-cuda-graphs`) turns this off;
 FLEXGEN_CUDA_GRAPHS=static runs the static step without capture on any device (the CPU tests
