@@ -261,3 +261,31 @@ def test_failed_capture_decodes_on_without_graphs(open_lm, monkeypatch):
         assert len(made) == 1, "a runner whose capture failed must not try again"
     assert_same_tokens(out, eager)
     assert_same_tokens(again, eager)
+
+
+def test_failure_mid_decode_frees_the_graphs(open_lm, monkeypatch):
+    """Running out of memory in a static / graph decode step ends that generate with the error;
+    the block's caches and graphs are dropped, and the next generate starts afresh."""
+    monkeypatch.setenv(graphs.ENV_VAR, STATIC)
+    name = "opt-tiny"
+    prompts = T.make_prompts(4, 10, 320, T.pad_id_of(name), seed=8)
+    real = graphs.DecodeGraphs.step
+    calls = []
+
+    def step(self, blk, i, skip):
+        calls.append(i)
+        if i == 2 and len(calls) < 4:
+            raise MemoryError("cannot allocate 1.50 GiB")
+        return real(self, blk, i, skip)
+
+    with open_lm(name, T.make_policy("all_compute")) as lm:
+        monkeypatch.setattr(graphs.DecodeGraphs, "step", step)
+        with pytest.raises(MemoryError):
+            lm.generate(prompts, max_new_tokens=6)
+        g = lm.runner.graphs
+        assert g.key is None and g.caches == {} and not g.in_use
+        out = lm.generate(prompts, max_new_tokens=6)
+        assert g.key is not None
+    monkeypatch.setenv(graphs.ENV_VAR, "0")
+    with open_lm(name, T.make_policy("all_compute")) as lm:
+        assert_same_tokens(out, lm.generate(prompts, max_new_tokens=6))
