@@ -216,7 +216,7 @@ def timing(work, which, dev):
                 print(f"{sid:3} {label:6} {np.mean(steps[1:]) * 1e3:>8.2f} {steps[0] * 1e3:>9.2f} "
                       f"{np.mean(host[1:]) * 1e3:>8.2f} {total:>11.1f} {total / layers:>7.2f} "
                       f"{sum(t['prefill']):>9.3f} {tput:>8.1f} {peak / 2**30:>9.3f}")
-                print(f"    launch calls per decode step: "
+                print("    launch calls per decode step: "
                       + ", ".join(f"{k} {v:.1f}" for k, v in sorted(launches.items())))
             # steady state: a second block of the same shape reuses the captured graphs
             t, host, _ = timed(lm, ids)
