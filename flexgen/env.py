@@ -103,6 +103,9 @@ class ExecutionEnv:
         self._lock = threading.Lock()
         self._disk_tensors = []
         self._spares = {}   # (bytes, pinned) -> [host memory a closed KV cache handed back]
+        # Decode steps replayed as CUDA graphs where a block allows it (engine/graphs.py); the
+        # CLI's --no-cuda-graphs clears it
+        self.cuda_graphs = True
 
     def _cap_gpu(self, nbytes: int) -> None:
         """A hard cap, as on a smaller card: PyTorch's allocator refuses to reserve past it."""

@@ -255,6 +255,7 @@ class LM:
         return out
 
     def close(self):
+        self.runner.close()   # its graphs read the weights: free them first
         self.weights.close()
         self.env.release_spares()
 

@@ -17,6 +17,7 @@ from ..models.base import FEED_FORWARD_KINDS, StepContext
 from ..memory.placement import TieredBuffer, unpacked
 from .attention import attend as attention_core, in_window
 from .cpu_attention import cpu_decode_attention, packed_chunks, row_chunks
+from .graphs import DecodeGraphs, graph_mode, ineligible
 from .io import IO, Pending
 from .kv_cache import LayerCache
 
@@ -72,6 +73,11 @@ class BlockRunner:
             else:
                 self.stages.append([idx])
         self.timings = new_timings()
+        self.graphs = DecodeGraphs(self)   # decode steps as CUDA graphs, where the block allows
+
+    def close(self):
+        """Free what the runner keeps between blocks (the decode graphs and their caches)."""
+        self.graphs.close()
 
     # ---- one block of gpu_batch_size x num_gpu_batches sequences -----------------------------
     def run(self, ids: np.ndarray, prompt_mask: np.ndarray, max_new_tokens: int, sampler, stop_ids, pad_id: int,
@@ -108,19 +114,54 @@ class BlockRunner:
         assert B == gbs * ngb
         blk = _Block(env.device, ids, prompt_mask, T, sampler, stop_ids, pad_id, gbs, want_logprobs, score, forced,
                      top_logprobs)
+        mode = self.graph_mode(T) if not self.graphs.in_use else None
+        if mode is not None:
+            return BlockState(blk, self.graphs.open(s0, T, mode), ActivationStore(env, p.percents("act"), self.dtype),
+                              graphs=self.graphs)
+        if not self.graphs.in_use:   # never hold a graph block's caches beside another block's
+            self.graphs.close()
+        return BlockState(blk, self.make_caches(s0 + T), ActivationStore(env, p.percents("act"), self.dtype))
+
+    def graph_mode(self, max_new_tokens: int):
+        """How a block of max_new_tokens would decode: "graph", "static" (engine/graphs.py) or None."""
+        if max_new_tokens < 2:   # no decode step
+            return None
+        mode = graph_mode(self.env)
+        return mode if mode is not None and ineligible(self) is None else None
+
+    def prepare(self, ids, prompt_mask, max_new_tokens: int, pad_id: int):
+        """Run the first two steps of a block of this shape and drop its tokens: what the shape
+        costs once (capturing the decode graphs) is paid here, and the next block of the shape
+        reuses it (a benchmark's warm-up)."""
+        from .sampling import Sampler, SamplingParams
+        state = self.open_block(ids, prompt_mask, max_new_tokens, Sampler(SamplingParams(), self.env.device), None,
+                                pad_id)
+        completed = False
+        try:
+            for i in range(min(2, max_new_tokens)):
+                self.run_step(state, i)
+            completed = True
+        finally:
+            self.close_block(state, completed)
+        self.timings = new_timings()
+
+    def make_caches(self, max_len: int) -> dict:
+        """{(layer, GPU batch): LayerCache} of max_len positions for every attention layer."""
+        env, p = self.env, self.policy
         caches = {}
         try:
             for li, layer in enumerate(self.layers):
                 if layer.kind == "attention":
-                    for k in range(ngb):
-                        caches[(li, k)] = LayerCache(env, s0 + T, gbs, layer.kv_heads, layer.head_dim, self.dtype,
-                                                     p.percents("cache"), f"cache{li}.{k}", p.cpu_cache_compute,
+                    for k in range(p.num_gpu_batches):
+                        caches[(li, k)] = LayerCache(env, max_len, p.gpu_batch_size, layer.kv_heads, layer.head_dim,
+                                                     self.dtype, p.percents("cache"), f"cache{li}.{k}",
+                                                     p.cpu_cache_compute,
                                                      p.comp_cache_config if p.compress_cache else None)
         except BaseException:
             for c in caches.values():
                 c.close(recycle=False)
             raise
-        return BlockState(blk, caches, ActivationStore(env, p.percents("act"), self.dtype))
+        return caches
 
     def run_step(self, state: "BlockState", i: int, hidden_in=None):
         """Generation step i of the block: every layer of this runner over every live GPU batch.
@@ -129,6 +170,10 @@ class BlockRunner:
         last layer is not the head, else None (the head chose the next tokens into the block)."""
         env, blk, gbs, ngb = self.env, state.blk, self.policy.gpu_batch_size, self.policy.num_gpu_batches
         t0 = time.perf_counter()
+        self._cpu_attn_s = self._gpu_wait_s = 0.0
+        if i > 0 and state.graphs is not None:   # the whole step from static buffers (engine/graphs.py)
+            state.graphs.step(blk, i, blk.finished_batches(ngb))
+            return self._step_done(i, t0)
         s0 = blk.s0
         start = 0 if i == 0 else s0 + i - 1
         cur = s0 if i == 0 else s0 + i
@@ -141,14 +186,16 @@ class BlockRunner:
             for k in range(ngb):
                 if k not in step.skip:
                     state.acts.put(k, hidden_in[k * gbs:(k + 1) * gbs].to(env.device, self.dtype))
-        self._cpu_attn_s = self._gpu_wait_s = 0.0
         self._run_step(step, state.caches, state.acts, state.pending_cache, blk)
         out = None
         if self.layers[-1].kind != "head":
             parts = [state.acts.get(k) if k not in step.skip else None for k in range(ngb)]
             like = next(x for x in parts if x is not None)
             out = torch.cat([x if x is not None else torch.zeros_like(like) for x in parts])
-        env.synchronize()
+        return self._step_done(i, t0, out)
+
+    def _step_done(self, i, t0, out=None):
+        self.env.synchronize()
         self.timings["prefill" if i == 0 else "decode"].append(time.perf_counter() - t0)
         if i > 0:
             self.timings["cpu_attention"].append(self._cpu_attn_s)
@@ -166,8 +213,11 @@ class BlockRunner:
             completed = False
             raise
         finally:
-            for c in state.caches.values():   # reused only when no copy into it can still be in flight
-                c.close(recycle=completed)
+            if state.graphs is not None:      # its caches stay with the graphs for the next block
+                state.graphs.release(completed)
+            else:
+                for c in state.caches.values():   # reused only when no copy into it can still be in flight
+                    c.close(recycle=completed)
             state.acts.close()
 
     def _run_step(self, step, caches, acts, pending_cache, blk):
@@ -211,7 +261,7 @@ class BlockRunner:
                 h = acts.get(k) if j > 0 or self.layers[stage[0]].kind != "embed" else None
                 h = self._compute(stage, wdicts, h, k, step, caches, loaded, pending_cache, blk.score)
                 if self.layers[stage[-1]].kind == "head":
-                    blk.emit(h, k, step)
+                    blk.emit(h, k, step.i)
                 else:
                     acts.put(k, h)
 
@@ -337,9 +387,10 @@ def _cpu_rows(cache, seg, loaded, n):
 class BlockState:
     """One block in flight: its tokens and stop state, KV caches, activations, pending stores."""
 
-    def __init__(self, blk, caches, acts):
+    def __init__(self, blk, caches, acts, graphs=None):
         self.blk, self.caches, self.acts = blk, caches, acts
         self.pending_cache = {}
+        self.graphs = graphs   # DecodeGraphs when the decode steps replay graphs
 
 
 class BlockResult:
@@ -393,11 +444,11 @@ class _Block:
         done = self.stopped.view(ngb, self.gbs).all(dim=1).tolist()
         return {k for k, d in enumerate(done) if d}
 
-    def emit(self, logits, k, step):
-        """Choose batch k's next tokens from the head's logits (b, s, V)."""
+    def emit(self, logits, k, i):
+        """Choose batch k's tokens of step i from the head's logits (b, s, V)."""
         b0, b1 = k * self.gbs, (k + 1) * self.gbs
         logits = logits.float()
-        if self.scores is not None and step.i == 0:
+        if self.scores is not None and i == 0:
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             target = self.out[b0:b1, 1:self.s0, None]
             self.scores[b0:b1, 1:] = logp.gather(-1, target).squeeze(-1)
@@ -407,13 +458,13 @@ class _Block:
                 self.prompt_top[0][b0:b1, 1:], self.prompt_top[1][b0:b1, 1:] = idx, vals
             del logp
         last = logits[:, -1]
-        ids = self.sampler(last) if self.forced is None else self.forced[b0:b1, step.i]
+        ids = self.sampler(last) if self.forced is None else self.forced[b0:b1, i]
         if self.logprobs is not None or self.top is not None:  # under the model (temperature 1)
             full = torch.log_softmax(last, dim=-1)
             lp = full.gather(-1, ids[:, None]).squeeze(-1)
             if self.top is not None:
                 vals, idx = full.topk(self.top_k, dim=-1)
-                self.top[0][b0:b1, step.i], self.top[1][b0:b1, step.i] = idx, vals
+                self.top[0][b0:b1, i], self.top[1][b0:b1, i] = idx, vals
         if self.stop_t is not None:
             done = self.stopped[b0:b1]
             ids = torch.where(done, torch.full_like(ids, self.pad_id), ids)
@@ -421,8 +472,8 @@ class _Block:
             if self.logprobs is not None:
                 lp = torch.where(done, torch.zeros_like(lp), lp)
         if self.logprobs is not None:
-            self.logprobs[b0:b1, step.i] = lp
-        self.out[b0:b1, self.s0 + step.i] = ids
+            self.logprobs[b0:b1, i] = lp
+        self.out[b0:b1, self.s0 + i] = ids
 
     def result(self) -> BlockResult:
         cpu = lambda t: None if t is None else t.cpu().numpy()  # noqa: E731
