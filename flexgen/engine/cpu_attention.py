@@ -30,6 +30,7 @@ torch.get_num_threads() // w each.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,8 +52,8 @@ def cpu_decode_attention(q, past, n_past: int, k_new, v_new, invalid, scale: flo
     g = k_new.shape[2]
     bg = b * g
     threads = torch.get_num_threads()
-    if workers is None:
-        workers = auto_workers(threads)
+    if workers is None:   # native packed chunks run on one core each: a pool of one thread per core
+        workers = threads if getattr(past, "one_core", False) else auto_workers(threads)
     workers = max(1, min(workers, bg))
     state = _Softmax(q.reshape(bg, heads // g, d).float() * scale, invalid.repeat_interleave(g, dim=0))
     if n_past:
@@ -101,20 +102,127 @@ def row_chunks(k, v):
     return past
 
 
-def packed_chunks(k_parts, v_parts, config, d: int):
+def packed_chunks(k_parts, v_parts, config, d: int, kernel: str | None = None):
     """past(lo, hi) over packed rows: k_parts, v_parts = [data, scale(, min)], each (n, b, g, groups,
-    ...) with the groups along the head dim d. Each chunk is unpacked by itself, straight into
-    (chunk, n, d) order (a heads-major store is read in its memory order), as float32: the exact
-    dequantised values, and no pass to cast them (fp16 casts and GEMMs are slow on CPUs without
-    fp16 units, and the products of a chunk in cache are cheap next to the unpacking)."""
+    ...) with the groups along the head dim d. Each chunk is handed on as _PackedMatrices, views of
+    the packed bytes where they lie, which the softmax multiplies with scale and minimum folded in
+    (no dequantised copy). kernel: "native" (cpu_packed.py's C kernel: each chunk on one core, so
+    chunks go to a pool of one Python thread per torch thread), "torch" (the same folded products
+    in PyTorch ops on tiles of codes converted to float in this thread's buffers), "unpack" (the
+    chunk dequantised into float32, then the plain products: the reference, and what ran before);
+    None: native where it builds and fits, else torch."""
+    kernel = kernel or os.environ.get("FLEXGEN_CPU_PACKED_KERNEL", "").lower() or "auto"
+    if kernel not in ("auto", "native", "torch", "unpack"):
+        raise ValueError(f"packed-cache CPU attention kernel must be auto, native, torch or unpack, got {kernel!r}")
     kf, vf = [t.flatten(1, 2) for t in k_parts], [t.flatten(1, 2) for t in v_parts]
+    groups, nbytes = kf[0].shape[-2:]
+    if kernel in ("auto", "native"):
+        from . import cpu_packed
+        lib = cpu_packed.library() if config.num_bits in (4, 8) else None
+        # the query heads per kv head are only known with the query: the kernel takes up to limits[2]
+        usable = lib is not None and cpu_packed.fits(config.num_bits, groups, config.group_size, 1)
+        if not usable and kernel == "native":
+            raise ValueError(f"the native packed-cache kernel is not usable here: "
+                             f"{cpu_packed.unavailable() or 'shape outside its limits'}")
+        kernel = "native" if usable else "torch"
 
-    def unpack(parts, lo, hi, which):
-        # compression._decompress_torch's math (the same bits) into buffers this thread keeps:
-        # fresh full-size temporaries cost 5-10x here (page faults, which also serialise threads)
+    def matrices(parts, lo, hi, which):
         data, scale, *mn = (t[:, lo:hi].transpose(0, 1) for t in parts)
+        m = _PackedMatrices(data, scale, mn[0] if mn else None, config, d, which, kernel)
+        return m.values() if kernel == "unpack" else m
+
+    past = lambda lo, hi: (matrices(kf, lo, hi, "k"), matrices(vf, lo, hi, "v"))  # noqa: E731
+    past.kernel = kernel
+    # chunks are tiles of codes in float32 (torch, unpack), or bounded only for their scores (native)
+    past.elems_per_thread = CHUNK_ELEMS if kernel == "native" else UNPACK_ELEMS
+    past.one_core = kernel == "native"
+    return past
+
+
+class _PackedMatrices:
+    """Matrices lo..hi of a packed store, read in place: data (c, n, groups, bytes) uint8, scale
+    and min (c, n, groups, 1) fp16 (min None: symmetric). With u the codes, s and z a group's
+    scale and minimum (symmetric: z = -2^(bits-1) s), a value is s u + z, so
+    q.k = sum over groups of s (q_g . u_g) + z sum(q_g), and p @ v = (p s) @ u + p @ z per group."""
+
+    def __init__(self, data, scale, mn, config, d, which, kernel):
+        self.data, self.scale, self.mn, self.config, self.d = data, scale, mn, config, d
+        self.which, self.kernel = which, kernel
+        self.n = data.shape[1]
+        self.half = float(1 << (config.num_bits - 1))
+
+    def _native(self, rep):
+        from . import cpu_packed
+        if self.kernel != "native" or rep > cpu_packed._STATE["limits"][2]:
+            return None
+        if not cpu_packed.laid_out(self.data, self.scale, self.mn):
+            return None
+        return cpu_packed
+
+    def scores(self, q):
+        """q (c, r, d) float32 -> (c, r, n) float32."""
+        native = self._native(q.shape[1])
+        cfg = self.config
+        if native is not None:
+            return native.scores(native.library(), self.data, self.scale, self.mn, self.half, q.contiguous(),
+                                 cfg.num_bits, cfg.group_size)
+        c, n, groups, _ = self.data.shape
+        gs, r = cfg.group_size, q.shape[1]
+        u = self._codes()                                               # (c, groups, n, gs)
+        qg = _grouped_query(q, groups, gs, cfg.num_bits)               # (c, groups, r, gs)
+        part = torch.bmm(qg.view(c * groups, r, gs), u.view(c * groups, n, gs).transpose(1, 2))
+        s, z = self._scale_min()                                        # (c, groups, n) float32
+        out = (part.view(c, groups, r, n) * s[:, :, None]).sum(1)
+        return out.baddbmm_(qg.sum(-1).transpose(1, 2), z)             # + sum_g z sum(q_g)
+
+    def weighted(self, p):
+        """p (c, r, n) float32 -> p @ values: (c, r, d) float32."""
+        native = self._native(p.shape[1])
+        cfg = self.config
+        if native is not None:
+            return native.weighted(native.library(), self.data, self.scale, self.mn, self.half, p,
+                                   cfg.num_bits, cfg.group_size, self.d)
+        c, n, groups, _ = self.data.shape
+        gs, r = cfg.group_size, p.shape[1]
+        u = self._codes()
+        s, z = self._scale_min()
+        ps = (p[:, None] * s[:, :, None]).contiguous()                   # (c, groups, r, n)
+        o = torch.bmm(ps.view(c * groups, r, n), u.view(c * groups, n, gs)).view(c, groups, r, gs)
+        o = o.add_(torch.bmm(p, z.transpose(1, 2)).transpose(1, 2)[..., None])    # + p @ z per group
+        o = o.transpose(1, 2)                                            # (c, r, groups, gs)
+        if cfg.num_bits == 4:   # codes are [low nibbles | high nibbles]: even and odd positions
+            o = torch.stack([o[..., :gs // 2], o[..., gs // 2:]], -1)
+        return o.reshape(c, r, groups * gs)[..., :self.d]
+
+    def _codes(self):
+        """The codes as float32 (c, groups, n, gs) in this thread's buffer (cache-sized: a tile),
+        4-bit as [low nibbles | high nibbles] per group: one conversion pass, no scaling."""
+        c, n, groups, nb = self.data.shape
+        gs = self.config.group_size
+        u = _scratch(self.which, c * groups * n * gs, torch.float32).view(c, groups, n, gs)
+        dst = u.transpose(1, 2)
+        if self.config.num_bits == 4:
+            torch.bitwise_and(self.data, 0x0F, out=dst[..., :nb])
+            torch.bitwise_right_shift(self.data, 4, out=dst[..., nb:])
+        else:
+            dst.copy_(self.data)
+        return u
+
+    def _scale_min(self):
+        """Scale and min as float32 (c, groups, n)."""
+        f32 = dict(dtype=torch.float32, memory_format=torch.contiguous_format)
+        s = self.scale[..., 0].transpose(1, 2).to(**f32)
+        z = s * -self.half if self.mn is None else self.mn[..., 0].transpose(1, 2).to(**f32)
+        return s, z
+
+    def values(self):
+        """The dequantised matrices, (c, n, d) float32: compression._decompress_torch's math (the
+        same numbers) into this thread's buffers (fresh full-size temporaries cost 5-10x here:
+        page faults, which also serialise threads). What the kernel multiplied before the
+        folded products; kept as their reference."""
+        config, data, scale = self.config, self.data, self.scale
         c, n, groups, nbytes = data.shape
-        x = _scratch(which, data.numel() * 8 // config.num_bits, torch.float32).view(c, n, groups, -1)
+        x = _scratch(self.which, data.numel() * 8 // config.num_bits, torch.float32).view(c, n, groups, -1)
         if config.num_bits == 4:
             nibble = _scratch("nibble", data.numel(), torch.uint8).view(data.shape)
             x[..., 0::2] = torch.bitwise_and(data, 0x0F, out=nibble)
@@ -123,14 +231,21 @@ def packed_chunks(k_parts, v_parts, config, d: int):
             x.copy_(data)
         s = _scratch("scale", scale.numel(), torch.float32).view(scale.shape).copy_(scale)
         if config.symmetric:
-            x.sub_(1 << (config.num_bits - 1)).mul_(s)
+            x.sub_(self.half).mul_(s)
         else:
-            x.mul_(s).add_(_scratch("min", scale.numel(), torch.float32).view(scale.shape).copy_(mn[0]))
-        return x.view(c, n, -1)[..., :d]
+            x.mul_(s).add_(_scratch("min", scale.numel(), torch.float32).view(scale.shape).copy_(self.mn))
+        return x.view(c, n, -1)[..., :self.d]
 
-    past = lambda lo, hi: (unpack(kf, lo, hi, "k"), unpack(vf, lo, hi, "v"))  # noqa: E731
-    past.elems_per_thread = UNPACK_ELEMS
-    return past
+
+def _grouped_query(q, groups, gs, bits):
+    """q (c, r, d) float32, padded to groups * gs, as (c, groups, r, gs) in the codes' order."""
+    c, r, d = q.shape
+    if groups * gs != d:
+        q = torch.nn.functional.pad(q, (0, groups * gs - d))
+    g = q.reshape(c, r, groups, gs)
+    if bits == 4:
+        g = g.view(c, r, groups, gs // 2, 2).transpose(-1, -2)
+    return g.transpose(1, 2).reshape(c, groups, r, gs).contiguous()
 
 
 _POOLS = {}
@@ -203,8 +318,12 @@ class _Softmax:
         possibly more rows after them that are not attended (finite: they meet a zero weight);
         a == 0 is the first block of those rows (nothing to merge with)."""
         rows = slice(lo, hi)
-        scores = torch.bmm(self.q[rows].to(k.dtype), k.transpose(1, 2)).float()   # (m, rep, n)
-        if k.shape[1] > e - a:   # a view over the store's whole capacity: rows past e are not written
+        packed = isinstance(k, _PackedMatrices)
+        if packed:   # scale and min folded into the product, the packed bytes read in place
+            scores, n = k.scores(self.q[rows]), k.n
+        else:
+            scores, n = torch.bmm(self.q[rows].to(k.dtype), k.transpose(1, 2)).float(), k.shape[1]   # (m, rep, n)
+        if n > e - a:   # a view over the store's whole capacity: rows past e are not written
             scores[..., e - a:] = float("-inf")
         if self.masked:
             scores[..., :e - a].masked_fill_(self.invalid[rows, None, a:e], float("-inf"))
@@ -215,7 +334,7 @@ class _Softmax:
         # rows with nothing valid yet keep -inf: shift by 0 there so exp() gives 0, not NaN
         shift = torch.where(torch.isinf(m_new), 0.0, m_new)
         p = scores.sub_(shift[..., None]).exp_()
-        pv = torch.bmm(p.to(v.dtype), v).float()
+        pv = v.weighted(p) if packed else torch.bmm(p.to(v.dtype), v).float()
         if a:
             corr = (m_old - shift).exp_()
             self.total[rows] = self.total[rows] * corr + p.sum(-1)

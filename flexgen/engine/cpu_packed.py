@@ -1,0 +1,360 @@
+"""A native kernel for CPU decode attention over a 4/8-bit group-quantised KV cache (see
+cpu_attention.py): the two products read the packed bytes once, where they lie, with each group's
+scale and minimum folded in (q.k = sum_g s_g (q_g . u_g) + z_g sum(q_g); p @ v = (p s) @ u plus
+(p @ z) per group), so no dequantised copy of the cache is ever written.
+
+It is plain C (GCC/Clang vector extensions, no Python or torch headers), built once per machine
+with the system's C compiler into a cache directory ($FLEXGEN_KERNEL_DIR, else ~/.cache/flexgen)
+and called through ctypes, which releases the GIL: chunks run on the Python worker threads, one
+core each. Without a working compiler, or when the built kernel disagrees with the PyTorch path
+on a check run once per process, `library()` is None (with one warning) and cpu_attention.py uses
+its PyTorch version of the same folded products. FLEXGEN_CPU_PACKED_KERNEL=torch forces that.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+
+import torch
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+typedef float vf __attribute__((vector_size(64)));
+typedef uint8_t vb __attribute__((vector_size(16)));
+typedef int32_t vi __attribute__((vector_size(64)));
+#define W 16
+#define TOF(x) __builtin_convertvector(__builtin_convertvector((x), vi), vf)
+#define MAXD 1024
+#define MAXG 128
+
+static inline float h2f(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    union { uint32_t u; float f; } o;
+    o.u = (uint32_t)(h & 0x7fff) << 13;
+    o.f *= 0x1p112f;
+    if ((h & 0x7c00) == 0x7c00) o.u |= 255u << 23;
+    o.u |= (uint32_t)(h & 0x8000) << 16;
+    return o.f;
+#endif
+}
+
+static inline vf ldf(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void stf(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < W; i++) s += v[i]; return s; }
+
+/* a row's codes as floats, group by group in q's order (4-bit: low nibbles, then high), and its
+   scales and minimums (symmetric: min = -half * scale) */
+static inline __attribute__((always_inline)) void decode_row(
+        const uint8_t *x, const uint16_t *sc, const uint16_t *mn, float half, float *u, float *s, float *z,
+        int groups, int G, int bits) {
+    int nb = G * bits / 8;
+    for (int j = 0; j < groups; j++) {
+        const uint8_t *xg = x + j * nb;
+        float *ug = u + j * G;
+        s[j] = h2f(sc[j]);
+        z[j] = mn ? h2f(mn[j]) : -half * s[j];
+        int b = 0;
+        if (bits == 4) {
+            int h = G / 2;
+            for (; b + W <= h; b += W) {
+                vb v; memcpy(&v, xg + b, W);
+                stf(ug + b, TOF(v & 15));
+                stf(ug + h + b, TOF(v >> 4));
+            }
+            for (; b < h; b++) { ug[b] = (float)(xg[b] & 15); ug[h + b] = (float)(xg[b] >> 4); }
+        } else {
+            for (; b + W <= G; b += W) { vb v; memcpy(&v, xg + b, W); stf(ug + b, TOF(v)); }
+            for (; b < G; b++) ug[b] = (float)xg[b];
+        }
+    }
+}
+
+/* scores[m, i, t] = sum_j s[t, j] (q[m, i, j] . u[t, j]) + z[t, j] qsum[m, i, j] */
+static inline __attribute__((always_inline)) void qk_body(
+        const uint8_t *data, long dms, const uint16_t *sc, const uint16_t *mn, long sms, float half,
+        const float *q, const float *qsum, float *out, int c, int n, int r, int groups, int G, int bits) {
+    int nb = G * bits / 8, D = groups * G;
+    float u[MAXD], s[MAXG], z[MAXG];
+    for (int m = 0; m < c; m++) {
+        const float *qm = q + (long)m * r * D, *qs = qsum + (long)m * r * groups;
+        float *om = out + (long)m * r * n;
+        for (int t = 0; t < n; t++) {
+            decode_row(data + m * dms + (long)t * groups * nb, sc + m * sms + (long)t * groups,
+                       mn ? mn + m * sms + (long)t * groups : 0, half, u, s, z, groups, G, bits);
+            for (int i = 0; i < r; i++) {
+                const float *qi = qm + (long)i * D;
+                vf a = {0};
+                float rest = 0.f;
+                for (int j = 0; j < groups; j++) {
+                    const float *qg = qi + j * G, *ug = u + j * G;
+                    vf g = {0};
+                    int k = 0;
+                    for (; k + W <= G; k += W) g += ldf(qg + k) * ldf(ug + k);
+                    float tail = 0.f;
+                    for (; k < G; k++) tail += qg[k] * ug[k];
+                    a += s[j] * g;
+                    rest += s[j] * tail + z[j] * qs[i * groups + j];
+                }
+                om[(long)i * n + t] = hsum(a) + rest;
+            }
+        }
+    }
+}
+
+/* out[m, i, :] = sum_t p[m, i, t] v[t, :] with v[t, jG + k] = s[t, j] u[t, j, k] + z[t, j]:
+   (p s) @ u plus (p @ z) per group; acc: this call's r * D floats */
+static inline __attribute__((always_inline)) void pv_body(
+        const uint8_t *data, long dms, const uint16_t *sc, const uint16_t *mn, long sms, float half,
+        const float *p, float *out, float *acc, int c, int n, int r, int groups, int G, int bits) {
+    int nb = G * bits / 8, D = groups * G;
+    float u[MAXD], s[MAXG], z[MAXG], zacc[16 * MAXG];
+    for (int m = 0; m < c; m++) {
+        const float *pm = p + (long)m * r * n;
+        memset(acc, 0, sizeof(float) * r * D);
+        memset(zacc, 0, sizeof(float) * r * groups);
+        for (int t = 0; t < n; t++) {
+            decode_row(data + m * dms + (long)t * groups * nb, sc + m * sms + (long)t * groups,
+                       mn ? mn + m * sms + (long)t * groups : 0, half, u, s, z, groups, G, bits);
+            for (int i = 0; i < r; i++) {
+                float pt = pm[(long)i * n + t];
+                float *ai = acc + (long)i * D;
+                for (int j = 0; j < groups; j++) {
+                    float w = pt * s[j];
+                    float *ag = ai + j * G;
+                    const float *ug = u + j * G;
+                    int k = 0;
+                    for (; k + W <= G; k += W) stf(ag + k, ldf(ag + k) + w * ldf(ug + k));
+                    for (; k < G; k++) ag[k] += w * ug[k];
+                    zacc[i * groups + j] += pt * z[j];
+                }
+            }
+        }
+        float *om = out + (long)m * r * D;
+        for (int i = 0; i < r; i++)
+            for (int j = 0; j < groups; j++) {
+                const float *a = acc + (long)i * D + j * G;
+                float *o = om + (long)i * D + j * G, zz = zacc[i * groups + j];
+                if (bits == 4)
+                    for (int k = 0; k < G / 2; k++) { o[2 * k] = a[k] + zz; o[2 * k + 1] = a[G / 2 + k] + zz; }
+                else
+                    for (int k = 0; k < G; k++) o[k] = a[k] + zz;
+            }
+    }
+}
+
+/* group sizes of the usual configs get their own copy (constant trip counts); others the general one */
+#define DISPATCH(body, ...) \
+    if (bits == 4 && G == 64) body(__VA_ARGS__, 64, 4); \
+    else if (bits == 4 && G == 32) body(__VA_ARGS__, 32, 4); \
+    else if (bits == 4 && G == 128) body(__VA_ARGS__, 128, 4); \
+    else if (bits == 8 && G == 64) body(__VA_ARGS__, 64, 8); \
+    else body(__VA_ARGS__, G, bits);
+
+int limits(int *maxd, int *maxg, int *maxr) { *maxd = MAXD; *maxg = MAXG; *maxr = 16; return 1; }
+
+void qk(const uint8_t *data, long dms, const uint16_t *sc, const uint16_t *mn, long sms, float half,
+        const float *q, const float *qsum, float *out, int c, int n, int r, int groups, int G, int bits) {
+    DISPATCH(qk_body, data, dms, sc, mn, sms, half, q, qsum, out, c, n, r, groups)
+}
+
+void pv(const uint8_t *data, long dms, const uint16_t *sc, const uint16_t *mn, long sms, float half,
+        const float *p, float *out, float *acc, int c, int n, int r, int groups, int G, int bits) {
+    DISPATCH(pv_body, data, dms, sc, mn, sms, half, p, out, acc, c, n, r, groups)
+}
+"""
+
+_LOCK = threading.Lock()
+_STATE = {"done": False, "lib": None, "why": None, "limits": None}
+_FLAGS = (["-O3", "-march=native"], ["-O3"])   # the second for compilers that do not know this CPU
+
+
+def library():
+    """The loaded, checked kernel library, or None (why: `unavailable()`)."""
+    if not _STATE["done"]:
+        with _LOCK:
+            if not _STATE["done"]:
+                _load()
+                _STATE["done"] = True
+    return _STATE["lib"]
+
+
+def unavailable() -> str | None:
+    """Why the native kernel is not used (None when it is)."""
+    library()
+    return _STATE["why"]
+
+
+def fits(bits: int, groups: int, group_size: int, rep: int) -> bool:
+    """Whether a store of this shape is within the kernel's fixed per-row buffers."""
+    lib = library()
+    if lib is None:
+        return False
+    maxd, maxg, maxr = _STATE["limits"]
+    return bits in (4, 8) and groups * group_size <= maxd and groups <= maxg and rep <= maxr
+
+
+def _load():
+    if os.environ.get("FLEXGEN_CPU_PACKED_KERNEL", "").lower() == "torch":
+        _STATE["why"] = "FLEXGEN_CPU_PACKED_KERNEL=torch"
+        return
+    try:
+        path = _build()
+        lib = ctypes.CDLL(path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _STATE["why"] = str(e)
+        warnings.warn(f"CPU packed-cache attention: no native kernel ({e}); using the PyTorch version", stacklevel=3)
+        return
+    p, i, f, l_ = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
+    lib.qk.argtypes = [p, l_, p, p, l_, f, p, p, p, i, i, i, i, i, i]
+    lib.pv.argtypes = [p, l_, p, p, l_, f, p, p, p, i, i, i, i, i, i]
+    lib.qk.restype = lib.pv.restype = None
+    lim = [ctypes.c_int() for _ in range(3)]
+    lib.limits(*[ctypes.byref(x) for x in lim])
+    _STATE["limits"] = tuple(x.value for x in lim)
+    _STATE["lib"] = lib
+    bad = _self_check()
+    if bad:
+        _STATE["lib"], _STATE["why"] = None, bad
+        warnings.warn(f"CPU packed-cache attention: the native kernel failed its check ({bad}); "
+                      "using the PyTorch version", stacklevel=3)
+
+
+def _cache_dir() -> str:
+    d = os.environ.get("FLEXGEN_KERNEL_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flexgen", "kernels")
+    try:
+        os.makedirs(d, exist_ok=True)
+        if os.access(d, os.W_OK):
+            return d
+    except OSError:
+        pass
+    d = os.path.join(tempfile.gettempdir(), f"flexgen-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's feature flags (a cache directory may be shared
+    by machines of different CPUs)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    key = hashlib.sha256("\0".join([_SOURCE, cc, _cpu_id(), platform.machine()]).encode()).hexdigest()[:16]
+    out_dir = _cache_dir()
+    lib = os.path.join(out_dir, f"packed_attention-{key}.so")
+    if os.path.exists(lib):
+        return lib
+    src = os.path.join(out_dir, f"packed_attention-{key}.{os.getpid()}.c")
+    with open(src, "w") as f:
+        f.write(_SOURCE)
+    tmp = f"{lib}.{os.getpid()}.tmp"
+    errors = []
+    try:
+        for flags in _FLAGS:
+            r = subprocess.run([cc, *flags, "-fPIC", "-shared", "-o", tmp, src], capture_output=True, text=True,
+                               timeout=120)
+            if r.returncode == 0:
+                os.replace(tmp, lib)   # atomic: a concurrent build of the same key is harmless
+                return lib
+            errors.append((r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"])
+    finally:
+        for name in (src, tmp):
+            if os.path.exists(name):
+                os.remove(name)
+    raise RuntimeError(f"{cc} could not build it: {errors[-1][0]}")
+
+
+def scores(lib, data, scale, mn, half: float, q, bits: int, group_size: int):
+    """q (c, r, d) float32 against matrices data (c, n, groups, bytes) uint8, scale/mn (c, n, groups, 1)
+    fp16 (mn None: symmetric, min = -half * scale): (c, r, n) float32 scores."""
+    c, n, groups, _ = data.shape
+    r = q.shape[1]
+    qd, qsum = _query(q, groups, group_size, bits)
+    out = torch.empty(c, r, n)
+    lib.qk(data.data_ptr(), data.stride(0), scale.data_ptr(), 0 if mn is None else mn.data_ptr(), scale.stride(0),
+           half, qd.data_ptr(), qsum.data_ptr(), out.data_ptr(), c, n, r, groups, group_size, bits)
+    return out
+
+
+def weighted(lib, data, scale, mn, half: float, p, bits: int, group_size: int, d: int):
+    """p (c, r, n) float32 times the dequantised matrices: (c, r, d) float32."""
+    c, n, groups, _ = data.shape
+    r = p.shape[1]
+    p = p.contiguous()
+    out = torch.empty(c, r, groups * group_size)
+    acc = torch.empty(r * groups * group_size)
+    lib.pv(data.data_ptr(), data.stride(0), scale.data_ptr(), 0 if mn is None else mn.data_ptr(), scale.stride(0),
+           half, p.data_ptr(), out.data_ptr(), acc.data_ptr(), c, n, r, groups, group_size, bits)
+    return out[..., :d]
+
+
+def laid_out(data, scale, mn) -> bool:
+    """Whether chunk views have the layout the kernel reads: each matrix's rows contiguous (any
+    stride between matrices, the same for scale and min)."""
+    c, n, groups, nb = data.shape
+    ok = data.stride()[1:] == (groups * nb, nb, 1) and scale.stride()[1:3] == (groups, 1)
+    return ok and (mn is None or mn.stride() == scale.stride())
+
+
+def _query(q, groups, group_size, bits):
+    """q (c, r, d) padded to the groups' width, each group in the kernel's order (4-bit: even
+    positions, then odd: low nibbles, then high), and each group's sum."""
+    c, r, d = q.shape
+    width = groups * group_size
+    if width != d:
+        q = torch.nn.functional.pad(q, (0, width - d))
+    g = q.reshape(c, r, groups, group_size)
+    qsum = g.sum(-1).contiguous()
+    if bits == 4:
+        g = g.view(c, r, groups, group_size // 2, 2).transpose(-1, -2)
+    return g.contiguous(), qsum
+
+
+def _self_check() -> str | None:
+    """The kernel against dequantise-then-multiply on a small case of each specialised and the
+    general path (asymmetric and symmetric, GQA, a padded head dim); None when it agrees."""
+    from ..memory.compression import compress, decompress
+    from ..policy import CompressionConfig
+    gen = torch.Generator().manual_seed(0)
+    lib = _STATE["lib"]
+    for bits, gs, d, r, sym in ((4, 64, 128, 1, False), (4, 32, 64, 4, True), (8, 64, 128, 2, False),
+                                (4, 8, 20, 3, False), (8, 16, 48, 1, True), (4, 128, 128, 1, False)):
+        cfg = CompressionConfig(bits, gs, -1, sym)
+        x = torch.randn(3, 17, d, generator=gen)
+        pk = compress(x, cfg)
+        deq = decompress(pk, torch.float32)
+        q = torch.randn(3, r, d, generator=gen)
+        half = float(1 << (bits - 1))
+        data, scale, mn = pk.data, pk.scale, pk.mn
+        s = scores(lib, data, scale, mn, half, q, bits, gs)
+        want = torch.bmm(q, deq.transpose(1, 2))
+        p = torch.softmax(want, -1)
+        o = weighted(lib, data, scale, mn, half, p, bits, gs, d)
+        if not (torch.allclose(s, want, rtol=1e-4, atol=1e-4) and
+                torch.allclose(o, torch.bmm(p, deq), rtol=1e-4, atol=1e-4)):
+            return f"{bits}-bit, group {gs}, d {d}: results differ"
+    return None
