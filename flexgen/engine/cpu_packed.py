@@ -1,7 +1,8 @@
 """A native kernel for CPU decode attention over a 4/8-bit group-quantised KV cache (see
 cpu_attention.py): the two products read the packed bytes once, where they lie, with each group's
-scale and minimum folded in (q.k = sum_g s_g (q_g . u_g) + z_g sum(q_g); p @ v = (p s) @ u plus
-(p @ z) per group), so no dequantised copy of the cache is ever written.
+scale and minimum folded in (with codes centred, c = u - 2^(bits-1), and z = min + 2^(bits-1) s:
+q.k = sum_g s_g (q_g . c_g) + z_g sum(q_g); p @ v = (p s) @ c plus (p @ z) per group), so no
+dequantised copy of the cache is ever written.
 
 It is plain C (GCC/Clang vector extensions, no Python or torch headers), built once per machine
 with the system's C compiler into a cache directory ($FLEXGEN_KERNEL_DIR, else ~/.cache/flexgen)
@@ -56,8 +57,12 @@ static inline vf ldf(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; 
 static inline void stf(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < W; i++) s += v[i]; return s; }
 
-/* a row's codes as floats, group by group in q's order (4-bit: low nibbles, then high), and its
-   scales and minimums (symmetric: min = -half * scale) */
+/* a row's codes as floats centred on half = 2^(bits-1), c = u - half (exact), group by group in q's
+   order (4-bit: low nibbles, then high), and per group its scale s and the value at c = 0,
+   z = min + half * s (symmetric: 0): v = s c + z. Centred codes keep the folded sums free of the
+   cancellation between s (q . u) and min sum(q) (both O(max |v|) where v . q is small). */
+typedef int8_t vc __attribute__((vector_size(16)));
+#define TOFC(x) __builtin_convertvector(__builtin_convertvector((x), vi), vf)
 static inline __attribute__((always_inline)) void decode_row(
         const uint8_t *x, const uint16_t *sc, const uint16_t *mn, float half, float *u, float *s, float *z,
         int groups, int G, int bits) {
@@ -66,24 +71,24 @@ static inline __attribute__((always_inline)) void decode_row(
         const uint8_t *xg = x + j * nb;
         float *ug = u + j * G;
         s[j] = h2f(sc[j]);
-        z[j] = mn ? h2f(mn[j]) : -half * s[j];
+        z[j] = mn ? h2f(mn[j]) + half * s[j] : 0.f;
         int b = 0;
         if (bits == 4) {
             int h = G / 2;
             for (; b + W <= h; b += W) {
                 vb v; memcpy(&v, xg + b, W);
-                stf(ug + b, TOF(v & 15));
-                stf(ug + h + b, TOF(v >> 4));
+                stf(ug + b, TOFC((vc)(v & 15) - 8));
+                stf(ug + h + b, TOFC((vc)(v >> 4) - 8));
             }
-            for (; b < h; b++) { ug[b] = (float)(xg[b] & 15); ug[h + b] = (float)(xg[b] >> 4); }
+            for (; b < h; b++) { ug[b] = (float)((xg[b] & 15) - 8); ug[h + b] = (float)((xg[b] >> 4) - 8); }
         } else {
-            for (; b + W <= G; b += W) { vb v; memcpy(&v, xg + b, W); stf(ug + b, TOF(v)); }
-            for (; b < G; b++) ug[b] = (float)xg[b];
+            for (; b + W <= G; b += W) { vb v; memcpy(&v, xg + b, W); stf(ug + b, TOFC((vc)(v ^ 0x80))); }
+            for (; b < G; b++) ug[b] = (float)((int)xg[b] - 128);
         }
     }
 }
 
-/* scores[m, i, t] = sum_j s[t, j] (q[m, i, j] . u[t, j]) + z[t, j] qsum[m, i, j] */
+/* scores[m, i, t] = sum_j s[t, j] (q[m, i, j] . c[t, j]) + z[t, j] qsum[m, i, j] */
 static inline __attribute__((always_inline)) void qk_body(
         const uint8_t *data, long dms, const uint16_t *sc, const uint16_t *mn, long sms, float half,
         const float *q, const float *qsum, float *out, int c, int n, int r, int groups, int G, int bits) {
@@ -115,8 +120,8 @@ static inline __attribute__((always_inline)) void qk_body(
     }
 }
 
-/* out[m, i, :] = sum_t p[m, i, t] v[t, :] with v[t, jG + k] = s[t, j] u[t, j, k] + z[t, j]:
-   (p s) @ u plus (p @ z) per group; acc: this call's r * D floats */
+/* out[m, i, :] = sum_t p[m, i, t] v[t, :] with v[t, jG + k] = s[t, j] c[t, j, k] + z[t, j]:
+   (p s) @ c plus (p @ z) per group; acc: this call's r * D floats */
 static inline __attribute__((always_inline)) void pv_body(
         const uint8_t *data, long dms, const uint16_t *sc, const uint16_t *mn, long sms, float half,
         const float *p, float *out, float *acc, int c, int n, int r, int groups, int G, int bits) {
