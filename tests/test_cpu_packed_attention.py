@@ -42,10 +42,11 @@ def attend(q, parts, new, invalid, cfg, d, kernel, workers=None):
 @pytest.mark.parametrize("bits,gs,sym", [(4, 64, False), (4, 32, True), (4, 128, False), (4, 8, False),
                                          (8, 64, False), (8, 16, True)])
 @pytest.mark.parametrize("heads,kv_heads,n_past,d", [(8, 2, 37, 128), (4, 4, 1, 64), (6, 3, 129, 48),
-                                                     (16, 1, 65, 128)])
+                                                     (16, 1, 65, 128), (36, 2, 19, 64)])
 def test_folded_kernel_matches_unpack_then_attend(kernel, bits, gs, sym, heads, kv_heads, n_past, d):
-    """Odd lengths, GQA (up to 16 query heads per kv head), a head dim padded up to whole groups,
-    masked rows: the same dequantised numbers summed in another order."""
+    """Odd lengths, GQA (up to 18 query heads per kv head: more than the native kernel takes at
+    once), a head dim padded up to whole groups, masked rows: the same dequantised numbers summed
+    in another order."""
     cfg = CompressionConfig(bits, gs, 3, sym)
     q, parts, new, invalid = packed_case(3, heads, kv_heads, n_past, d, cfg, seed=n_past + bits)
     want = attend(q, parts, new, invalid, cfg, d, "unpack")
@@ -100,7 +101,7 @@ def test_native_kernel_takes_only_its_layout():
     parts = compress(x, cfg).parts()
     past = packed_chunks(parts, parts, cfg, 32, kernel="native")
     k, _ = past(0, 6)
-    assert not cpu_packed.laid_out(k.data, k.scale, k.mn) and k._native(1) is None
+    assert not cpu_packed.laid_out(k.data, k.scale, k.mn) and k._native() is None
     qs = torch.randn(6, 2, 32, generator=g)
     torch.testing.assert_close(k.scores(qs), torch.bmm(qs, k.values().clone().transpose(1, 2)), rtol=1e-5, atol=1e-5)
 

@@ -119,8 +119,7 @@ def packed_chunks(k_parts, v_parts, config, d: int, kernel: str | None = None):
     if kernel in ("auto", "native"):
         from . import cpu_packed
         lib = cpu_packed.library() if config.num_bits in (4, 8) else None
-        # the query heads per kv head are only known with the query: the kernel takes up to limits[2]
-        usable = lib is not None and cpu_packed.fits(config.num_bits, groups, config.group_size, 1)
+        usable = lib is not None and cpu_packed.fits(config.num_bits, groups, config.group_size)
         if not usable and kernel == "native":
             raise ValueError(f"the native packed-cache kernel is not usable here: "
                              f"{cpu_packed.unavailable() or 'shape outside its limits'}")
@@ -153,17 +152,17 @@ class _PackedMatrices:
         self.n = data.shape[1]
         self.half = float(1 << (config.num_bits - 1))
 
-    def _native(self, rep):
+    def _native(self):
+        """cpu_packed where this chunk goes to the native kernel (chunks whose rows are not
+        contiguous, e.g. a position-major store, take the PyTorch version)."""
         from . import cpu_packed
-        if self.kernel != "native" or rep > cpu_packed._STATE["limits"][2]:
-            return None
-        if not cpu_packed.laid_out(self.data, self.scale, self.mn):
+        if self.kernel != "native" or not cpu_packed.laid_out(self.data, self.scale, self.mn):
             return None
         return cpu_packed
 
     def scores(self, q):
         """q (c, r, d) float32 -> (c, r, n) float32."""
-        native = self._native(q.shape[1])
+        native = self._native()
         cfg = self.config
         if native is not None:
             return native.scores(native.library(), self.data, self.scale, self.mn, self.half, q.contiguous(),
@@ -179,7 +178,7 @@ class _PackedMatrices:
 
     def weighted(self, p):
         """p (c, r, n) float32 -> p @ values: (c, r, d) float32."""
-        native = self._native(p.shape[1])
+        native = self._native()
         cfg = self.config
         if native is not None:
             return native.weighted(native.library(), self.data, self.scale, self.mn, self.half, p,

@@ -34,11 +34,13 @@ _SOURCE = r"""
 
 typedef float vf __attribute__((vector_size(64)));
 typedef uint8_t vb __attribute__((vector_size(16)));
+typedef int8_t vc __attribute__((vector_size(16)));
 typedef int32_t vi __attribute__((vector_size(64)));
 #define W 16
 #define TOF(x) __builtin_convertvector(__builtin_convertvector((x), vi), vf)
 #define MAXD 1024
 #define MAXG 128
+#define MAXR 16
 
 static inline float h2f(uint16_t h) {
 #if defined(__F16C__)
@@ -55,97 +57,114 @@ static inline float h2f(uint16_t h) {
 
 static inline vf ldf(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void stf(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < W; i++) s += v[i]; return s; }
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+static inline float hsum(vf v) {   /* a tree: halves added, not 16 scalar adds in a row */
+    vf8 a, b; memcpy(&a, &v, 32); memcpy(&b, (char *)&v + 32, 32); a += b;
+    vf4 c, d; memcpy(&c, &a, 16); memcpy(&d, (char *)&a + 16, 16); c += d;
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
 
-/* a row's codes as floats centred on half = 2^(bits-1), c = u - half (exact), group by group in q's
-   order (4-bit: low nibbles, then high), and per group its scale s and the value at c = 0,
-   z = min + half * s (symmetric: 0): v = s c + z. Centred codes keep the folded sums free of the
-   cancellation between s (q . u) and min sum(q) (both O(max |v|) where v . q is small). */
-typedef int8_t vc __attribute__((vector_size(16)));
-#define TOFC(x) __builtin_convertvector(__builtin_convertvector((x), vi), vf)
-static inline __attribute__((always_inline)) void decode_row(
-        const uint8_t *x, const uint16_t *sc, const uint16_t *mn, float half, float *u, float *s, float *z,
-        int groups, int G, int bits) {
-    int nb = G * bits / 8;
-    for (int j = 0; j < groups; j++) {
-        const uint8_t *xg = x + j * nb;
-        float *ug = u + j * G;
-        s[j] = h2f(sc[j]);
-        z[j] = mn ? h2f(mn[j]) + half * s[j] : 0.f;
-        int b = 0;
-        if (bits == 4) {
-            int h = G / 2;
-            for (; b + W <= h; b += W) {
-                vb v; memcpy(&v, xg + b, W);
-                stf(ug + b, TOFC((vc)(v & 15) - 8));
-                stf(ug + h + b, TOFC((vc)(v >> 4) - 8));
-            }
-            for (; b < h; b++) { ug[b] = (float)((xg[b] & 15) - 8); ug[h + b] = (float)((xg[b] >> 4) - 8); }
-        } else {
-            for (; b + W <= G; b += W) { vb v; memcpy(&v, xg + b, W); stf(ug + b, TOFC((vc)(v ^ 0x80))); }
-            for (; b < G; b++) ug[b] = (float)((int)xg[b] - 128);
-        }
-    }
+/* Codes are used centred, c = u - half (exact in float), with z = min + half * s (symmetric: 0),
+   so a value is s c + z: z is the group's mid-range, and the folded sums s (q . c) and z sum(q)
+   do not cancel. Within a group, a 4-bit code's float order is the byte's low nibbles, then its
+   high nibbles (even, then odd positions); q comes in that order. */
+static inline __attribute__((always_inline)) vf code16(const uint8_t *x, int bits, int high) {
+    vb v; memcpy(&v, x, W);
+    if (bits == 4) return TOF((vc)(high ? v >> 4 : v & 15) - 8);
+    return TOF((vc)(v ^ 0x80));
+}
+static inline __attribute__((always_inline)) float code1(const uint8_t *x, int k, int G, int bits) {
+    if (bits == 4) return k < G / 2 ? (float)((x[k] & 15) - 8) : (float)((x[k - G / 2] >> 4) - 8);
+    return (float)((int)x[k] - 128);
+}
+static inline __attribute__((always_inline)) void group_sz(const uint16_t *sc, const uint16_t *mn, int j,
+                                                           float half, float *s, float *z) {
+    *s = h2f(sc[j]);
+    *z = mn ? h2f(mn[j]) + half * *s : 0.f;
 }
 
 /* scores[m, i, t] = sum_j s[t, j] (q[m, i, j] . c[t, j]) + z[t, j] qsum[m, i, j] */
 static inline __attribute__((always_inline)) void qk_body(
         const uint8_t *data, long dms, const uint16_t *sc, const uint16_t *mn, long sms, float half,
         const float *q, const float *qsum, float *out, int c, int n, int r, int groups, int G, int bits) {
-    int nb = G * bits / 8, D = groups * G;
-    float u[MAXD], s[MAXG], z[MAXG];
+    int nb = G * bits / 8, D = groups * G, h = G / 2, vec = (bits == 4 ? h : G) / W * W;
     for (int m = 0; m < c; m++) {
         const float *qm = q + (long)m * r * D, *qs = qsum + (long)m * r * groups;
         float *om = out + (long)m * r * n;
         for (int t = 0; t < n; t++) {
-            decode_row(data + m * dms + (long)t * groups * nb, sc + m * sms + (long)t * groups,
-                       mn ? mn + m * sms + (long)t * groups : 0, half, u, s, z, groups, G, bits);
-            for (int i = 0; i < r; i++) {
-                const float *qi = qm + (long)i * D;
-                vf a = {0};
-                float rest = 0.f;
-                for (int j = 0; j < groups; j++) {
-                    const float *qg = qi + j * G, *ug = u + j * G;
-                    vf g = {0};
-                    int k = 0;
-                    for (; k + W <= G; k += W) g += ldf(qg + k) * ldf(ug + k);
-                    float tail = 0.f;
-                    for (; k < G; k++) tail += qg[k] * ug[k];
-                    a += s[j] * g;
-                    rest += s[j] * tail + z[j] * qs[i * groups + j];
+            const uint8_t *row = data + m * dms + (long)t * groups * nb;
+            const uint16_t *srow = sc + m * sms + (long)t * groups, *zrow = mn ? mn + m * sms + (long)t * groups : 0;
+            vf a[MAXR];
+            float rest[MAXR];
+            for (int i = 0; i < r; i++) { a[i] = (vf){0}; rest[i] = 0.f; }
+            for (int j = 0; j < groups; j++) {
+                const uint8_t *x = row + j * nb;
+                float s, z;
+                group_sz(srow, zrow, j, half, &s, &z);
+                vf g[MAXR], g2[MAXR];   /* two chains of FMAs: low and high nibbles (8-bit: odd blocks) */
+                float tail[MAXR];
+                for (int i = 0; i < r; i++) { g[i] = g2[i] = (vf){0}; tail[i] = 0.f; }
+                for (int b = 0; b < vec; b += W) {
+                    vf lo = code16(x + b, bits, 0);
+                    if (bits == 4) {
+                        vf hi = code16(x + b, bits, 1);
+                        for (int i = 0; i < r; i++) {
+                            g[i] += ldf(qm + (long)i * D + j * G + b) * lo;
+                            g2[i] += ldf(qm + (long)i * D + j * G + h + b) * hi;
+                        }
+                    } else if ((b / W) % 2) {
+                        for (int i = 0; i < r; i++) g2[i] += ldf(qm + (long)i * D + j * G + b) * lo;
+                    } else {
+                        for (int i = 0; i < r; i++) g[i] += ldf(qm + (long)i * D + j * G + b) * lo;
+                    }
                 }
-                om[(long)i * n + t] = hsum(a) + rest;
+                if (vec < (bits == 4 ? h : G))   /* group sizes that are not whole vectors */
+                    for (int k = 0; k < G; k++) {
+                        if ((bits == 4 ? k % h : k) < vec) continue;
+                        float cv = code1(x, k, G, bits);
+                        for (int i = 0; i < r; i++) tail[i] += qm[(long)i * D + j * G + k] * cv;
+                    }
+                for (int i = 0; i < r; i++) { a[i] += s * (g[i] + g2[i]); rest[i] += s * tail[i] + z * qs[i * groups + j]; }
             }
+            for (int i = 0; i < r; i++) om[(long)i * n + t] = hsum(a[i]) + rest[i];
         }
     }
 }
 
-/* out[m, i, :] = sum_t p[m, i, t] v[t, :] with v[t, jG + k] = s[t, j] c[t, j, k] + z[t, j]:
-   (p s) @ c plus (p @ z) per group; acc: this call's r * D floats */
+/* out[m, i, :] = sum_t p[m, i, t] v[t, :], v[t, jG + k] = s[t, j] c[t, j, k] + z[t, j]:
+   (p s) @ c plus p @ z per group; acc: r * D floats of the caller's */
 static inline __attribute__((always_inline)) void pv_body(
         const uint8_t *data, long dms, const uint16_t *sc, const uint16_t *mn, long sms, float half,
         const float *p, float *out, float *acc, int c, int n, int r, int groups, int G, int bits) {
-    int nb = G * bits / 8, D = groups * G;
-    float u[MAXD], s[MAXG], z[MAXG], zacc[16 * MAXG];
+    int nb = G * bits / 8, D = groups * G, h = G / 2, vec = (bits == 4 ? h : G) / W * W;
+    float zacc[MAXR * MAXG];
     for (int m = 0; m < c; m++) {
         const float *pm = p + (long)m * r * n;
         memset(acc, 0, sizeof(float) * r * D);
         memset(zacc, 0, sizeof(float) * r * groups);
         for (int t = 0; t < n; t++) {
-            decode_row(data + m * dms + (long)t * groups * nb, sc + m * sms + (long)t * groups,
-                       mn ? mn + m * sms + (long)t * groups : 0, half, u, s, z, groups, G, bits);
-            for (int i = 0; i < r; i++) {
-                float pt = pm[(long)i * n + t];
-                float *ai = acc + (long)i * D;
-                for (int j = 0; j < groups; j++) {
-                    float w = pt * s[j];
-                    float *ag = ai + j * G;
-                    const float *ug = u + j * G;
-                    int k = 0;
-                    for (; k + W <= G; k += W) stf(ag + k, ldf(ag + k) + w * ldf(ug + k));
-                    for (; k < G; k++) ag[k] += w * ug[k];
-                    zacc[i * groups + j] += pt * z[j];
+            const uint8_t *row = data + m * dms + (long)t * groups * nb;
+            const uint16_t *srow = sc + m * sms + (long)t * groups, *zrow = mn ? mn + m * sms + (long)t * groups : 0;
+            for (int j = 0; j < groups; j++) {
+                const uint8_t *x = row + j * nb;
+                float s, z, w[MAXR];
+                group_sz(srow, zrow, j, half, &s, &z);
+                for (int i = 0; i < r; i++) { float pt = pm[(long)i * n + t]; w[i] = pt * s; zacc[i * groups + j] += pt * z; }
+                for (int b = 0; b < vec; b += W) {
+                    vf lo = code16(x + b, bits, 0);
+                    for (int i = 0; i < r; i++) { float *y = acc + (long)i * D + j * G + b; stf(y, ldf(y) + w[i] * lo); }
+                    if (bits == 4) {
+                        vf hi = code16(x + b, bits, 1);
+                        for (int i = 0; i < r; i++) { float *y = acc + (long)i * D + j * G + h + b; stf(y, ldf(y) + w[i] * hi); }
+                    }
                 }
+                if (vec < (bits == 4 ? h : G))
+                    for (int k = 0; k < G; k++) {
+                        if ((bits == 4 ? k % h : k) < vec) continue;
+                        float cv = code1(x, k, G, bits);
+                        for (int i = 0; i < r; i++) acc[(long)i * D + j * G + k] += w[i] * cv;
+                    }
             }
         }
         float *om = out + (long)m * r * D;
@@ -154,31 +173,39 @@ static inline __attribute__((always_inline)) void pv_body(
                 const float *a = acc + (long)i * D + j * G;
                 float *o = om + (long)i * D + j * G, zz = zacc[i * groups + j];
                 if (bits == 4)
-                    for (int k = 0; k < G / 2; k++) { o[2 * k] = a[k] + zz; o[2 * k + 1] = a[G / 2 + k] + zz; }
+                    for (int k = 0; k < h; k++) { o[2 * k] = a[k] + zz; o[2 * k + 1] = a[h + k] + zz; }
                 else
                     for (int k = 0; k < G; k++) o[k] = a[k] + zz;
             }
     }
 }
 
-/* group sizes of the usual configs get their own copy (constant trip counts); others the general one */
+/* The usual shapes get copies with constant sizes (unrolled, accumulators in registers):
+   1, 2, 4 or 8 query heads per kv head, head dims 64/128 in groups of 32/64/128. */
+#define SHAPES(body, ...) \
+    if (bits == 4 && G == 64 && groups == 2) body(__VA_ARGS__, 2, 64, 4); \
+    else if (bits == 4 && G == 64 && groups == 1) body(__VA_ARGS__, 1, 64, 4); \
+    else if (bits == 4 && G == 32 && groups == 4) body(__VA_ARGS__, 4, 32, 4); \
+    else if (bits == 4 && G == 128 && groups == 1) body(__VA_ARGS__, 1, 128, 4); \
+    else if (bits == 8 && G == 64 && groups == 2) body(__VA_ARGS__, 2, 64, 8); \
+    else body(__VA_ARGS__, groups, G, bits);
 #define DISPATCH(body, ...) \
-    if (bits == 4 && G == 64) body(__VA_ARGS__, 64, 4); \
-    else if (bits == 4 && G == 32) body(__VA_ARGS__, 32, 4); \
-    else if (bits == 4 && G == 128) body(__VA_ARGS__, 128, 4); \
-    else if (bits == 8 && G == 64) body(__VA_ARGS__, 64, 8); \
-    else body(__VA_ARGS__, G, bits);
+    if (r == 1) { SHAPES(body, __VA_ARGS__, 1) } \
+    else if (r == 2) { SHAPES(body, __VA_ARGS__, 2) } \
+    else if (r == 4) { SHAPES(body, __VA_ARGS__, 4) } \
+    else if (r == 8) { SHAPES(body, __VA_ARGS__, 8) } \
+    else { SHAPES(body, __VA_ARGS__, r) }
 
-int limits(int *maxd, int *maxg, int *maxr) { *maxd = MAXD; *maxg = MAXG; *maxr = 16; return 1; }
+int limits(int *maxd, int *maxg, int *maxr) { *maxd = MAXD; *maxg = MAXG; *maxr = MAXR; return 1; }
 
 void qk(const uint8_t *data, long dms, const uint16_t *sc, const uint16_t *mn, long sms, float half,
         const float *q, const float *qsum, float *out, int c, int n, int r, int groups, int G, int bits) {
-    DISPATCH(qk_body, data, dms, sc, mn, sms, half, q, qsum, out, c, n, r, groups)
+    DISPATCH(qk_body, data, dms, sc, mn, sms, half, q, qsum, out, c, n)
 }
 
 void pv(const uint8_t *data, long dms, const uint16_t *sc, const uint16_t *mn, long sms, float half,
         const float *p, float *out, float *acc, int c, int n, int r, int groups, int G, int bits) {
-    DISPATCH(pv_body, data, dms, sc, mn, sms, half, p, out, acc, c, n, r, groups)
+    DISPATCH(pv_body, data, dms, sc, mn, sms, half, p, out, acc, c, n)
 }
 """
 
@@ -203,13 +230,13 @@ def unavailable() -> str | None:
     return _STATE["why"]
 
 
-def fits(bits: int, groups: int, group_size: int, rep: int) -> bool:
+def fits(bits: int, groups: int, group_size: int) -> bool:
     """Whether a store of this shape is within the kernel's fixed per-row buffers."""
     lib = library()
     if lib is None:
         return False
-    maxd, maxg, maxr = _STATE["limits"]
-    return bits in (4, 8) and groups * group_size <= maxd and groups <= maxg and rep <= maxr
+    maxd, maxg, _ = _STATE["limits"]
+    return bits in (4, 8) and groups * group_size <= maxd and groups <= maxg
 
 
 def _load():
@@ -295,13 +322,19 @@ def _build() -> str:
 
 def scores(lib, data, scale, mn, half: float, q, bits: int, group_size: int):
     """q (c, r, d) float32 against matrices data (c, n, groups, bytes) uint8, scale/mn (c, n, groups, 1)
-    fp16 (mn None: symmetric, min = -half * scale): (c, r, n) float32 scores."""
+    fp16 (mn None: symmetric): (c, r, n) float32 scores. More than the kernel's MAXR query heads per
+    kv head (multi-query models) go through it MAXR at a time."""
     c, n, groups, _ = data.shape
     r = q.shape[1]
-    qd, qsum = _query(q, groups, group_size, bits)
     out = torch.empty(c, r, n)
-    lib.qk(data.data_ptr(), data.stride(0), scale.data_ptr(), 0 if mn is None else mn.data_ptr(), scale.stride(0),
-           half, qd.data_ptr(), qsum.data_ptr(), out.data_ptr(), c, n, r, groups, group_size, bits)
+    step = _STATE["limits"][2]
+    for i in range(0, r, step):
+        qd, qsum = _query(q[:, i:i + step], groups, group_size, bits)
+        o = out if r <= step else torch.empty(c, qd.shape[1], n)
+        lib.qk(data.data_ptr(), data.stride(0), scale.data_ptr(), 0 if mn is None else mn.data_ptr(), scale.stride(0),
+               half, qd.data_ptr(), qsum.data_ptr(), o.data_ptr(), c, n, qd.shape[1], groups, group_size, bits)
+        if r > step:
+            out[:, i:i + step] = o
     return out
 
 
@@ -309,11 +342,17 @@ def weighted(lib, data, scale, mn, half: float, p, bits: int, group_size: int, d
     """p (c, r, n) float32 times the dequantised matrices: (c, r, d) float32."""
     c, n, groups, _ = data.shape
     r = p.shape[1]
-    p = p.contiguous()
-    out = torch.empty(c, r, groups * group_size)
-    acc = torch.empty(r * groups * group_size)
-    lib.pv(data.data_ptr(), data.stride(0), scale.data_ptr(), 0 if mn is None else mn.data_ptr(), scale.stride(0),
-           half, p.data_ptr(), out.data_ptr(), acc.data_ptr(), c, n, r, groups, group_size, bits)
+    width = groups * group_size
+    out = torch.empty(c, r, width)
+    step = _STATE["limits"][2]
+    acc = torch.empty(min(r, step) * width)
+    for i in range(0, r, step):
+        pi = p[:, i:i + step].contiguous()
+        o = out if r <= step else torch.empty(c, pi.shape[1], width)
+        lib.pv(data.data_ptr(), data.stride(0), scale.data_ptr(), 0 if mn is None else mn.data_ptr(), scale.stride(0),
+               half, pi.data_ptr(), o.data_ptr(), acc.data_ptr(), c, n, pi.shape[1], groups, group_size, bits)
+        if r > step:
+            out[:, i:i + step] = o
     return out[..., :d]
 
 
@@ -347,7 +386,8 @@ def _self_check() -> str | None:
     gen = torch.Generator().manual_seed(0)
     lib = _STATE["lib"]
     for bits, gs, d, r, sym in ((4, 64, 128, 1, False), (4, 32, 64, 4, True), (8, 64, 128, 2, False),
-                                (4, 8, 20, 3, False), (8, 16, 48, 1, True), (4, 128, 128, 1, False)):
+                                (4, 8, 20, 3, False), (8, 16, 48, 1, True), (4, 128, 128, 1, False),
+                                (4, 64, 128, 8, False), (4, 32, 128, 20, False)):
         cfg = CompressionConfig(bits, gs, -1, sym)
         x = torch.randn(3, 17, d, generator=gen)
         pk = compress(x, cfg)
