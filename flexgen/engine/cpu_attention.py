@@ -12,9 +12,12 @@ the H100 host).
 
 The kernel walks chunks of the b * kv_heads matrices, and `past(lo, hi)` hands it each chunk as
 (hi - lo, positions, d): a view of a heads-major store (row_chunks), a chunk copied out of
-position-major rows read from disk (row_chunks), or a chunk unpacked from a packed 4/8-bit store
-into float32 (packed_chunks). A chunk is at most CHUNK_ELEMS values per K, and UNPACK_ELEMS per
-thread working on it where it is copied or unpacked (so its buffers stay in cache): the extra
+position-major rows read from disk (row_chunks), or, for a packed 4/8-bit store (packed_chunks),
+views of its packed bytes, scales and minimums (_PackedMatrices), which the softmax multiplies
+with each group's scale and minimum folded into the two products, reading the packed bytes once
+where they lie: the native C kernel of cpu_packed.py, else a PyTorch version of the same folded
+products over tiles of codes. A chunk is at most CHUNK_ELEMS values per K, and UNPACK_ELEMS per
+thread working on it where it is copied or converted (so its buffers stay in cache): the extra
 memory is one chunk per worker (buffers each thread keeps and reuses), never a copy of the cache.
 
 Parallelism, the rule: on some CPUs torch's fp16 bmm is parallel inside (Xeon with AVX512-FP16/AMX
@@ -23,10 +26,12 @@ Python threads" nor "one chunk stream over torch's threads" wins everywhere, and
 oversubscribes. With workers=None, a one-time probe per process and thread count times both on
 a 64 MB fp16 cache and keeps the faster: 1 worker (chunks in turn, torch's intra-op threads) or
 one worker per torch thread (chunks on a pool of Python threads, each running torch single-threaded).
-The probe's choice holds for chunks that are unpacked too (measured on the H100 host, 4-bit,
-16 threads: 133 ms per OPT-30B layer on one worker, 499 ms on a pool of 16, whose small unpacking
-ops then queue on Python's lock). An explicit `workers` = w overrides it: w Python threads of
-torch.get_num_threads() // w each.
+The probe's choice holds for packed chunks that PyTorch ops convert (measured on the H100 host,
+4-bit, 16 threads, the old unpack-then-multiply: 133 ms per OPT-30B layer on one worker, 499 ms on
+a pool of 16, whose small unpacking ops then queue on Python's lock). Packed chunks that go to the
+native kernel run on one core each (it is a plain C loop called with the GIL released), so there
+workers=None is one worker per torch thread, without a probe. An explicit `workers` = w overrides
+both: w Python threads of torch.get_num_threads() // w each (the native kernel uses one of them).
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -246,7 +247,7 @@ def _load():
     try:
         path = _build()
         lib = ctypes.CDLL(path)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
         _STATE["why"] = str(e)
         warnings.warn(f"CPU packed-cache attention: no native kernel ({e}); using the PyTorch version", stacklevel=3)
         return
@@ -292,10 +293,10 @@ def _cpu_id() -> str:
 
 
 def _build() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c)][:1]
     if not cc:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    key = hashlib.sha256("\0".join([_SOURCE, cc, _cpu_id(), platform.machine()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([_SOURCE, *cc, _cpu_id(), platform.machine()]).encode()).hexdigest()[:16]
     out_dir = _cache_dir()
     lib = os.path.join(out_dir, f"packed_attention-{key}.so")
     if os.path.exists(lib):
@@ -307,7 +308,7 @@ def _build() -> str:
     errors = []
     try:
         for flags in _FLAGS:
-            r = subprocess.run([cc, *flags, "-fPIC", "-shared", "-o", tmp, src], capture_output=True, text=True,
+            r = subprocess.run([*cc, *flags, "-fPIC", "-shared", "-o", tmp, src], capture_output=True, text=True,
                                timeout=120)
             if r.returncode == 0:
                 os.replace(tmp, lib)   # atomic: a concurrent build of the same key is harmless
@@ -317,7 +318,7 @@ def _build() -> str:
         for name in (src, tmp):
             if os.path.exists(name):
                 os.remove(name)
-    raise RuntimeError(f"{cc} could not build it: {errors[-1][0]}")
+    raise RuntimeError(f"{cc[0]} could not build it: {errors[-1][0]}")
 
 
 def scores(lib, data, scale, mn, half: float, q, bits: int, group_size: int):
