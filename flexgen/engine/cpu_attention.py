@@ -65,8 +65,9 @@ def cpu_decode_attention(q, past, n_past: int, k_new, v_new, invalid, scale: flo
         copied = getattr(past, "elems_per_thread", None)
         if copied is None:   # views of the store cost no memory: one chunk per worker, the fewest calls
             per = -(-bg // workers)
-        else:                # a multiple of `workers` chunks within CHUNK_ELEMS: threads finish together
-            limit = min(CHUNK_ELEMS, copied * max(1, threads // workers))
+        else:                # a multiple of `workers` chunks within CHUNK_ELEMS (native packed chunks:
+                             # 4x, they copy nothing): threads finish together
+            limit = min(CHUNK_ELEMS * getattr(past, "chunks_of", 1), copied * max(1, threads // workers))
             rounds = -(-bg * n_past * d // (limit * workers))
             per = -(-bg // (rounds * workers))
 
@@ -137,8 +138,10 @@ def packed_chunks(k_parts, v_parts, config, d: int, kernel: str | None = None):
 
     past = lambda lo, hi: (matrices(kf, lo, hi, "k"), matrices(vf, lo, hi, "v"))  # noqa: E731
     past.kernel = kernel
-    # chunks are tiles of codes in float32 (torch, unpack), or bounded only for their scores (native)
-    past.elems_per_thread = CHUNK_ELEMS if kernel == "native" else UNPACK_ELEMS
+    # chunks are tiles of codes in float32 (torch, unpack); native chunks copy nothing, and are
+    # bounded only for their scores (values * rep / d floats): few chunks, few Python calls
+    past.elems_per_thread = (4 * CHUNK_ELEMS) if kernel == "native" else UNPACK_ELEMS
+    past.chunks_of = 4 if kernel == "native" else 1      # chunks up to this many CHUNK_ELEMS
     past.one_core = kernel == "native"
     return past
 
