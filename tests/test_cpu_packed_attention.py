@@ -87,6 +87,8 @@ def test_default_kernel_and_bad_name():
     past = packed_chunks(parts[0], parts[1], cfg, 64)
     assert past.kernel == ("native" if cpu_packed.library() is not None else "torch")
     assert past.one_core == (past.kernel == "native")
+    # a heads-major store goes to the native kernel a whole chunk per call
+    assert hasattr(past, "attend") == (past.kernel == "native")
     with pytest.raises(ValueError, match="auto, native, torch or unpack"):
         packed_chunks(parts[0], parts[1], cfg, 64, kernel="fast")
 
@@ -101,7 +103,7 @@ def test_native_kernel_takes_only_its_layout():
     parts = compress(x, cfg).parts()
     past = packed_chunks(parts, parts, cfg, 32, kernel="native")
     k, _ = past(0, 6)
-    assert not cpu_packed.laid_out(k.data, k.scale, k.mn) and k._native() is None
+    assert not cpu_packed.laid_out(k.data, k.scale, k.mn) and k._native() is None and not hasattr(past, "attend")
     qs = torch.randn(6, 2, 32, generator=g)
     torch.testing.assert_close(k.scores(qs), torch.bmm(qs, k.values().clone().transpose(1, 2)), rtol=1e-5, atol=1e-5)
 

@@ -71,8 +71,14 @@ def cpu_decode_attention(q, past, n_past: int, k_new, v_new, invalid, scale: flo
             rounds = -(-bg * n_past * d // (limit * workers))
             per = -(-bg // (rounds * workers))
 
+        whole = getattr(past, "attend", None)     # native packed: a chunk's block in one call
+        if whole is not None and not whole.prepare(state):
+            whole = None
+
         def chunk(lo):
             hi = min(lo + per, bg)
+            if whole is not None:
+                return whole(state, lo, hi, n_past)
             k, v = past(lo, hi)
             state.fold(k, v, 0, n_past, lo, hi)
 
@@ -138,6 +144,8 @@ def packed_chunks(k_parts, v_parts, config, d: int, kernel: str | None = None):
 
     past = lambda lo, hi: (matrices(kf, lo, hi, "k"), matrices(vf, lo, hi, "v"))  # noqa: E731
     past.kernel = kernel
+    if kernel == "native" and all(cpu_packed.rows_laid_out(p) for p in (kf, vf)):
+        past.attend = cpu_packed.Attend(cpu_packed.library(), kf, vf, config, d)
     # chunks are tiles of codes in float32 (torch, unpack); native chunks copy nothing, and are
     # bounded only for their scores (values * rep / d floats): few chunks, few Python calls
     past.elems_per_thread = (4 * CHUNK_ELEMS) if kernel == "native" else UNPACK_ELEMS

@@ -208,6 +208,68 @@ void pv(const uint8_t *data, long dms, const uint16_t *sc, const uint16_t *mn, l
         const float *p, float *out, float *acc, int c, int n, int r, int groups, int G, int bits) {
     DISPATCH(pv_body, data, dms, sc, mn, sms, half, p, out, acc, c, n)
 }
+
+/* exp(x) for x <= 0, 16 lanes: x = k ln2 + f, |f| <= ln2 / 2, e^f by its Taylor series to f^7
+   (relative error < 1e-8, under float32's rounding), times 2^k built in the exponent bits;
+   x < -87 (and -inf, a masked position) gives 0 */
+static inline vf exp16(vf x) {
+    vf k = x * 1.44269504088896341f;
+    k = (k + 12582912.f) - 12582912.f;                       /* rounded to the nearest integer (1.5 * 2^23) */
+    vi ki = __builtin_convertvector(k, vi);
+    vf kf = k;
+    vf f = x - kf * 0.693145751953125f - kf * 1.428606765330187e-06f;   /* ln 2 in two parts: f exact enough */
+    vf e = 1.f + f * (1.f + f * (0.5f + f * (1.f / 6 + f * (1.f / 24 + f * (1.f / 120 + f * (1.f / 720 + f * (1.f / 5040)))))));
+    vi bits = (ki + 127) << 23;
+    vf scale; memcpy(&scale, &bits, sizeof scale);
+    vi keep = x >= -87.f;
+    vf out = e * scale;
+    vi ob; memcpy(&ob, &out, sizeof ob); ob &= keep; memcpy(&out, &ob, sizeof out);
+    return out;
+}
+
+void qk(const uint8_t *data, long dms, const uint16_t *sc, const uint16_t *mn, long sms, float half,
+        const float *q, const float *qsum, float *out, int c, int n, int r, int groups, int G, int bits);
+void pv(const uint8_t *data, long dms, const uint16_t *sc, const uint16_t *mn, long sms, float half,
+        const float *p, float *out, float *acc, int c, int n, int r, int groups, int G, int bits);
+
+/* A chunk's whole first softmax block in one call (no Python between the products): for each
+   matrix m and query head i, its running max mx, the sum of exp(score - mx) and the weighted
+   values, over positions t < n not marked in invalid (m's row at invalid + m * inv_stride; NULL:
+   none). Rows with no valid position get mx = -inf, total 0, acc 0. scratch: r * n floats;
+   work: r * groups * G floats. */
+void attend(const uint8_t *kd, long kdms, const uint16_t *ks, const uint16_t *km, long ksms,
+            const uint8_t *vd, long vdms, const uint16_t *vs, const uint16_t *vm, long vsms, float half,
+            const float *q, const float *qsum, const uint8_t *invalid, long inv_stride,
+            float *mx, float *tot, float *acc, float *scratch, float *work, int c, int n, int r,
+            int groups, int G, int bits) {
+    int D = groups * G;
+    for (int m = 0; m < c; m++) {
+        qk(kd + m * kdms, 0, ks + m * ksms, km ? km + m * ksms : 0, 0, half, q + (long)m * r * D,
+           qsum + (long)m * r * groups, scratch, 1, n, r, groups, G, bits);
+        if (invalid) {
+            const uint8_t *bad = invalid + m * inv_stride;
+            for (int t = 0; t < n; t++)
+                if (bad[t]) for (int i = 0; i < r; i++) scratch[(long)i * n + t] = -__builtin_inff();
+        }
+        for (int i = 0; i < r; i++) {
+            float *sc_ = scratch + (long)i * n, top = -__builtin_inff(), sum = 0.f;
+            for (int t = 0; t < n; t++) top = sc_[t] > top ? sc_[t] : top;
+            float shift = top == -__builtin_inff() ? 0.f : top;
+            int t = 0;
+            vf vsum = {0};
+            for (; t + W <= n; t += W) { vf e = exp16(ldf(sc_ + t) - shift); stf(sc_ + t, e); vsum += e; }
+            for (; t < n; t++) {
+                vf x = {0}; x[0] = sc_[t] - shift;
+                float e = exp16(x)[0];
+                sc_[t] = e; sum += e;
+            }
+            mx[(long)m * r + i] = top;
+            tot[(long)m * r + i] = hsum(vsum) + sum;
+        }
+        pv(vd + m * vdms, 0, vs + m * vsms, vm ? vm + m * vsms : 0, 0, half, scratch, acc + (long)m * r * D, work,
+           1, n, r, groups, G, bits);
+    }
+}
 """
 
 _LOCK = threading.Lock()
@@ -254,7 +316,8 @@ def _load():
     p, i, f, l_ = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
     lib.qk.argtypes = [p, l_, p, p, l_, f, p, p, p, i, i, i, i, i, i]
     lib.pv.argtypes = [p, l_, p, p, l_, f, p, p, p, i, i, i, i, i, i]
-    lib.qk.restype = lib.pv.restype = None
+    lib.attend.argtypes = [p, l_, p, p, l_, p, l_, p, p, l_, f, p, p, p, l_, p, p, p, p, p, i, i, i, i, i, i]
+    lib.qk.restype = lib.pv.restype = lib.attend.restype = None
     lim = [ctypes.c_int() for _ in range(3)]
     lib.limits(*[ctypes.byref(x) for x in lim])
     _STATE["limits"] = tuple(x.value for x in lim)
@@ -355,6 +418,58 @@ def weighted(lib, data, scale, mn, half: float, p, bits: int, group_size: int, d
         if r > step:
             out[:, i:i + step] = o
     return out[..., :d]
+
+
+def rows_laid_out(parts) -> bool:
+    """Whether packed parts (n, matrices, groups, x) have each matrix's rows contiguous, as the
+    kernel reads them (any stride between matrices; scale and min alike)."""
+    data, scale, *mn = parts
+    _, _, groups, nb = data.shape
+    ok = data.stride(0) == groups * nb and data.stride()[2:] == (nb, 1)
+    ok = ok and scale.stride(0) == groups and scale.stride(2) == 1
+    return ok and all(m.stride() == scale.stride() for m in mn)
+
+
+class Attend:
+    """A chunk's whole softmax block over packed K and V in one call of the native kernel
+    (scores, mask, max, exp, sums and p @ v: no Python between them, so pool threads hardly meet
+    on Python's lock), written straight into the running softmax's rows."""
+
+    def __init__(self, lib, kparts, vparts, config, d: int):
+        self.lib, self.k, self.v, self.config, self.d = lib, kparts, vparts, config, d
+        self.groups = kparts[0].shape[2]
+        self.half = float(1 << (config.num_bits - 1))
+
+    def prepare(self, state) -> bool:
+        """The query in the kernel's order, once per call; False when the kernel cannot take it
+        (more than MAXR query heads per kv head: the two-call path splits those)."""
+        if state.q.shape[1] > _STATE["limits"][2]:
+            return False
+        state.packed_query = _query(state.q, self.groups, self.config.group_size, self.config.num_bits)
+        return True
+
+    def __call__(self, state, lo: int, hi: int, n: int):
+        qd, qsum = state.packed_query
+        c, r, width = hi - lo, qd.shape[1], self.groups * self.config.group_size
+
+        def at(t, row=None):   # the address of matrix lo of a part, or of row lo of a (matrices, ...) tensor
+            if t is None:
+                return 0
+            return t.data_ptr() + lo * (t.stride(1) if row is None else t.stride(0)) * t.element_size()
+
+        kd, ks, *km = self.k
+        vd, vs, *vm = self.v
+        acc = None if width == self.d else torch.empty(c, r, width)   # padded groups: cut after
+        inv = state.invalid if state.masked else None
+        scratch, work = torch.empty(r * n), torch.empty(r * width)       # held until the call returns
+        self.lib.attend(at(kd), kd.stride(1), at(ks), at(km[0] if km else None), ks.stride(1),
+                        at(vd), vd.stride(1), at(vs), at(vm[0] if vm else None), vs.stride(1), self.half,
+                        at(qd, 0), at(qsum, 0), at(inv, 0), 0 if inv is None else inv.stride(0),
+                        at(state.m, 0), at(state.total, 0), at(state.acc, 0) if acc is None else acc.data_ptr(),
+                        scratch.data_ptr(), work.data_ptr(),
+                        c, n, r, self.groups, self.config.group_size, self.config.num_bits)
+        if acc is not None:
+            state.acc[lo:hi] = acc[..., :self.d]
 
 
 def laid_out(data, scale, mn) -> bool:
