@@ -328,7 +328,8 @@ def main(argv=None) -> int:
     t = str(c["threads"][-1])
     print(f"cpu {c['cores']} cores: matmul {c['matmul_gflops'][t]:.0f} GFLOP/s, attention "
           f"{c['attention_gib_s'][t]:.1f} GiB/s of cache at {t} threads "
-          f"({c['packed_attention_gelem_s'][t]:.1f} G values/s packed 4-bit)")
+          f"({c['packed_attention_gelem_s'][t]:.1f} G values/s packed 4-bit, {c.get('packed_attention_kernel', 'unpack')} "
+          f"kernel)")
     print(f"disk {d['path']}: read {d['read_gib_s']:.2f} GiB/s, write {d['write_gib_s']:.2f} GiB/s "
           f"({'O_DIRECT' if d['direct_io'] else 'fsync + fadvise'})")
     print(f"saved {path} ({prof['seconds']:.1f} s)")
