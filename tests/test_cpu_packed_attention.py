@@ -81,7 +81,7 @@ def test_workers_and_chunks_agree(kernel, workers, monkeypatch):
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
-def test_default_kernel_and_bad_name():
+def test_default_kernel_and_bad_name(monkeypatch):
     cfg = CompressionConfig(4, 64, 3, False)
     _, parts, _, _ = packed_case(2, 4, 2, 5, 64, cfg)
     past = packed_chunks(parts[0], parts[1], cfg, 64)
@@ -91,6 +91,11 @@ def test_default_kernel_and_bad_name():
     assert hasattr(past, "attend") == (past.kernel == "native")
     with pytest.raises(ValueError, match="auto, native, torch or unpack"):
         packed_chunks(parts[0], parts[1], cfg, 64, kernel="fast")
+    monkeypatch.setenv("FLEXGEN_CPU_PACKED_KERNEL", "unpack")
+    assert packed_chunks(parts[0], parts[1], cfg, 64).kernel == "unpack"
+    monkeypatch.setenv("FLEXGEN_CPU_PACKED_KERNEL", "fast")
+    with pytest.warns(UserWarning, match="using auto"):
+        assert packed_chunks(parts[0], parts[1], cfg, 64).kernel in ("native", "torch")
 
 
 @pytest.mark.skipif(cpu_packed.library() is None, reason="no native kernel on this machine")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -114,6 +115,9 @@ def row_chunks(k, v):
     return past
 
 
+_KERNELS = ("auto", "native", "torch", "unpack")
+
+
 def packed_chunks(k_parts, v_parts, config, d: int, kernel: str | None = None):
     """past(lo, hi) over packed rows: k_parts, v_parts = [data, scale(, min)], each (n, b, g, groups,
     ...) with the groups along the head dim d. Each chunk is handed on as _PackedMatrices, views of
@@ -122,9 +126,15 @@ def packed_chunks(k_parts, v_parts, config, d: int, kernel: str | None = None):
     chunks go to a pool of one Python thread per torch thread), "torch" (the same folded products
     in PyTorch ops on tiles of codes converted to float in this thread's buffers), "unpack" (the
     chunk dequantised into float32, then the plain products: the reference, and what ran before);
-    None: native where it builds and fits, else torch."""
-    kernel = kernel or os.environ.get("FLEXGEN_CPU_PACKED_KERNEL", "").lower() or "auto"
-    if kernel not in ("auto", "native", "torch", "unpack"):
+    None: $FLEXGEN_CPU_PACKED_KERNEL if set, else auto: native where it builds and fits, else torch.
+    Named here, native is required (ValueError where it is not usable); from the variable, preferred."""
+    strict = kernel is not None   # asked for by name here; FLEXGEN_CPU_PACKED_KERNEL only prefers
+    if kernel is None:
+        kernel = os.environ.get("FLEXGEN_CPU_PACKED_KERNEL", "").lower() or "auto"
+        if kernel not in _KERNELS:
+            warnings.warn(f"FLEXGEN_CPU_PACKED_KERNEL={kernel!r} is none of {', '.join(_KERNELS)}: using auto")
+            kernel = "auto"
+    if kernel not in _KERNELS:
         raise ValueError(f"packed-cache CPU attention kernel must be auto, native, torch or unpack, got {kernel!r}")
     kf, vf = [t.flatten(1, 2) for t in k_parts], [t.flatten(1, 2) for t in v_parts]
     groups, nbytes = kf[0].shape[-2:]
@@ -132,7 +142,7 @@ def packed_chunks(k_parts, v_parts, config, d: int, kernel: str | None = None):
         from . import cpu_packed
         lib = cpu_packed.library() if config.num_bits in (4, 8) else None
         usable = lib is not None and cpu_packed.fits(config.num_bits, groups, config.group_size)
-        if not usable and kernel == "native":
+        if not usable and kernel == "native" and strict:
             raise ValueError(f"the native packed-cache kernel is not usable here: "
                              f"{cpu_packed.unavailable() or 'shape outside its limits'}")
         kernel = "native" if usable else "torch"
