@@ -27,6 +27,7 @@ import warnings
 import torch
 
 _SOURCE = r"""
+
 #include <stdint.h>
 #include <string.h>
 #if defined(__F16C__)
@@ -93,42 +94,57 @@ static inline __attribute__((always_inline)) void qk_body(
     for (int m = 0; m < c; m++) {
         const float *qm = q + (long)m * r * D, *qs = qsum + (long)m * r * groups;
         float *om = out + (long)m * r * n;
-        for (int t = 0; t < n; t++) {
-            const uint8_t *row = data + m * dms + (long)t * groups * nb;
-            const uint16_t *srow = sc + m * sms + (long)t * groups, *zrow = mn ? mn + m * sms + (long)t * groups : 0;
-            vf a[MAXR];
-            float rest[MAXR];
-            for (int i = 0; i < r; i++) { a[i] = (vf){0}; rest[i] = 0.f; }
+        /* two rows at a time: each q load feeds both (an odd last row is done twice) */
+        for (int t = 0; t < n; t += 2) {
+            int t1 = t + 1 < n ? t + 1 : t;
+            const uint8_t *row0 = data + m * dms + (long)t * groups * nb, *row1 = data + m * dms + (long)t1 * groups * nb;
+            const uint16_t *s0 = sc + m * sms + (long)t * groups, *s1 = sc + m * sms + (long)t1 * groups;
+            const uint16_t *z0 = mn ? mn + m * sms + (long)t * groups : 0, *z1 = mn ? mn + m * sms + (long)t1 * groups : 0;
+            vf a0[MAXR], a1[MAXR];
+            float rest0[MAXR], rest1[MAXR];
+            for (int i = 0; i < r; i++) { a0[i] = a1[i] = (vf){0}; rest0[i] = rest1[i] = 0.f; }
             for (int j = 0; j < groups; j++) {
-                const uint8_t *x = row + j * nb;
-                float s, z;
-                group_sz(srow, zrow, j, half, &s, &z);
-                vf g[MAXR], g2[MAXR];   /* two chains of FMAs: low and high nibbles (8-bit: odd blocks) */
-                float tail[MAXR];
-                for (int i = 0; i < r; i++) { g[i] = g2[i] = (vf){0}; tail[i] = 0.f; }
+                const uint8_t *x0 = row0 + j * nb, *x1 = row1 + j * nb;
+                float sa, za, sb, zb;
+                group_sz(s0, z0, j, half, &sa, &za);
+                group_sz(s1, z1, j, half, &sb, &zb);
+                vf g0[MAXR], g1[MAXR];
+                float tail0[MAXR], tail1[MAXR];
+                for (int i = 0; i < r; i++) { g0[i] = g1[i] = (vf){0}; tail0[i] = tail1[i] = 0.f; }
                 for (int b = 0; b < vec; b += W) {
-                    vf lo = code16(x + b, bits, 0);
+                    vf lo0 = code16(x0 + b, bits, 0), lo1 = code16(x1 + b, bits, 0);
                     if (bits == 4) {
-                        vf hi = code16(x + b, bits, 1);
+                        vf hi0 = code16(x0 + b, bits, 1), hi1 = code16(x1 + b, bits, 1);
                         for (int i = 0; i < r; i++) {
-                            g[i] += ldf(qm + (long)i * D + j * G + b) * lo;
-                            g2[i] += ldf(qm + (long)i * D + j * G + h + b) * hi;
+                            vf ql = ldf(qm + (long)i * D + j * G + b), qh = ldf(qm + (long)i * D + j * G + h + b);
+                            g0[i] += ql * lo0 + qh * hi0;
+                            g1[i] += ql * lo1 + qh * hi1;
                         }
-                    } else if ((b / W) % 2) {
-                        for (int i = 0; i < r; i++) g2[i] += ldf(qm + (long)i * D + j * G + b) * lo;
                     } else {
-                        for (int i = 0; i < r; i++) g[i] += ldf(qm + (long)i * D + j * G + b) * lo;
+                        for (int i = 0; i < r; i++) {
+                            vf ql = ldf(qm + (long)i * D + j * G + b);
+                            g0[i] += ql * lo0;
+                            g1[i] += ql * lo1;
+                        }
                     }
                 }
                 if (vec < (bits == 4 ? h : G))   /* group sizes that are not whole vectors */
                     for (int k = 0; k < G; k++) {
                         if ((bits == 4 ? k % h : k) < vec) continue;
-                        float cv = code1(x, k, G, bits);
-                        for (int i = 0; i < r; i++) tail[i] += qm[(long)i * D + j * G + k] * cv;
+                        float c0 = code1(x0, k, G, bits), c1 = code1(x1, k, G, bits);
+                        for (int i = 0; i < r; i++) {
+                            float qk_ = qm[(long)i * D + j * G + k];
+                            tail0[i] += qk_ * c0;
+                            tail1[i] += qk_ * c1;
+                        }
                     }
-                for (int i = 0; i < r; i++) { a[i] += s * (g[i] + g2[i]); rest[i] += s * tail[i] + z * qs[i * groups + j]; }
+                for (int i = 0; i < r; i++) {
+                    float qz = qs[i * groups + j];
+                    a0[i] += sa * g0[i]; rest0[i] += sa * tail0[i] + za * qz;
+                    a1[i] += sb * g1[i]; rest1[i] += sb * tail1[i] + zb * qz;
+                }
             }
-            for (int i = 0; i < r; i++) om[(long)i * n + t] = hsum(a[i]) + rest[i];
+            for (int i = 0; i < r; i++) { om[(long)i * n + t] = hsum(a0[i]) + rest0[i]; om[(long)i * n + t1] = hsum(a1[i]) + rest1[i]; }
         }
     }
 }
@@ -144,27 +160,36 @@ static inline __attribute__((always_inline)) void pv_body(
         const float *pm = p + (long)m * r * n;
         memset(acc, 0, sizeof(float) * r * D);
         memset(zacc, 0, sizeof(float) * r * groups);
-        for (int t = 0; t < n; t++) {
-            const uint8_t *row = data + m * dms + (long)t * groups * nb;
-            const uint16_t *srow = sc + m * sms + (long)t * groups, *zrow = mn ? mn + m * sms + (long)t * groups : 0;
+        /* two rows at a time: one load and store of the accumulators for both (an odd last row
+           pairs with itself at weight 0) */
+        for (int t = 0; t < n; t += 2) {
+            int pair = t + 1 < n, t1 = pair ? t + 1 : t;
+            const uint8_t *row0 = data + m * dms + (long)t * groups * nb, *row1 = data + m * dms + (long)t1 * groups * nb;
+            const uint16_t *s0 = sc + m * sms + (long)t * groups, *s1 = sc + m * sms + (long)t1 * groups;
+            const uint16_t *z0 = mn ? mn + m * sms + (long)t * groups : 0, *z1 = mn ? mn + m * sms + (long)t1 * groups : 0;
             for (int j = 0; j < groups; j++) {
-                const uint8_t *x = row + j * nb;
-                float s, z, w[MAXR];
-                group_sz(srow, zrow, j, half, &s, &z);
-                for (int i = 0; i < r; i++) { float pt = pm[(long)i * n + t]; w[i] = pt * s; zacc[i * groups + j] += pt * z; }
+                const uint8_t *x0 = row0 + j * nb, *x1 = row1 + j * nb;
+                float sa, za, sb, zb, w0[MAXR], w1[MAXR];
+                group_sz(s0, z0, j, half, &sa, &za);
+                group_sz(s1, z1, j, half, &sb, &zb);
+                for (int i = 0; i < r; i++) {
+                    float p0 = pm[(long)i * n + t], p1 = pair ? pm[(long)i * n + t1] : 0.f;
+                    w0[i] = p0 * sa; w1[i] = p1 * sb;
+                    zacc[i * groups + j] += p0 * za + p1 * zb;
+                }
                 for (int b = 0; b < vec; b += W) {
-                    vf lo = code16(x + b, bits, 0);
-                    for (int i = 0; i < r; i++) { float *y = acc + (long)i * D + j * G + b; stf(y, ldf(y) + w[i] * lo); }
+                    vf lo0 = code16(x0 + b, bits, 0), lo1 = code16(x1 + b, bits, 0);
+                    for (int i = 0; i < r; i++) { float *y = acc + (long)i * D + j * G + b; stf(y, ldf(y) + w0[i] * lo0 + w1[i] * lo1); }
                     if (bits == 4) {
-                        vf hi = code16(x + b, bits, 1);
-                        for (int i = 0; i < r; i++) { float *y = acc + (long)i * D + j * G + h + b; stf(y, ldf(y) + w[i] * hi); }
+                        vf hi0 = code16(x0 + b, bits, 1), hi1 = code16(x1 + b, bits, 1);
+                        for (int i = 0; i < r; i++) { float *y = acc + (long)i * D + j * G + h + b; stf(y, ldf(y) + w0[i] * hi0 + w1[i] * hi1); }
                     }
                 }
                 if (vec < (bits == 4 ? h : G))
                     for (int k = 0; k < G; k++) {
                         if ((bits == 4 ? k % h : k) < vec) continue;
-                        float cv = code1(x, k, G, bits);
-                        for (int i = 0; i < r; i++) acc[(long)i * D + j * G + k] += w[i] * cv;
+                        float c0 = code1(x0, k, G, bits), c1 = code1(x1, k, G, bits);
+                        for (int i = 0; i < r; i++) acc[(long)i * D + j * G + k] += w0[i] * c0 + w1[i] * c1;
                     }
             }
         }
