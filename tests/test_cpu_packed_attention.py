@@ -100,15 +100,19 @@ def test_default_kernel_and_bad_name(monkeypatch):
 
 @pytest.mark.skipif(cpu_packed.library() is None, reason="no native kernel on this machine")
 def test_native_kernel_takes_only_its_layout():
-    """A chunk whose rows are not contiguous (a position-major packed store) goes to the PyTorch
-    version, with the same result."""
+    """Packed rows whose matrices' rows are not contiguous (a position-major store) go to the
+    PyTorch version (asked for the native kernel by name: a clear error), with the same result;
+    a chunk of them handed to the native kernel anyway is multiplied by the PyTorch version."""
     cfg = CompressionConfig(4, 16, 3, False)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(9, 2, 3, 32, generator=g)                    # (n, b, g, d) position-major
     parts = compress(x, cfg).parts()
-    past = packed_chunks(parts, parts, cfg, 32, kernel="native")
-    k, _ = past(0, 6)
-    assert not cpu_packed.laid_out(k.data, k.scale, k.mn) and k._native() is None and not hasattr(past, "attend")
+    assert packed_chunks(parts, parts, cfg, 32).kernel == "torch"
+    with pytest.raises(ValueError, match="heads-major"):
+        packed_chunks(parts, parts, cfg, 32, kernel="native")
+    k, _ = packed_chunks(parts, parts, cfg, 32, kernel="torch")(0, 6)
+    k.kernel = "native"
+    assert not cpu_packed.laid_out(k.data, k.scale, k.mn) and k._native() is None
     qs = torch.randn(6, 2, 32, generator=g)
     torch.testing.assert_close(k.scores(qs), torch.bmm(qs, k.values().clone().transpose(1, 2)), rtol=1e-5, atol=1e-5)
 

@@ -145,7 +145,13 @@ def packed_chunks(k_parts, v_parts, config, d: int, kernel: str | None = None):
         if not usable and kernel == "native" and strict:
             raise ValueError(f"the native packed-cache kernel is not usable here: "
                              f"{cpu_packed.unavailable() or 'shape outside its limits'}")
-        kernel = "native" if usable else "torch"
+        # it reads each matrix's rows where they lie: a heads-major store (the engine's CPU-attention
+        # cache); packed rows in another layout take the PyTorch version, in its cache-sized tiles
+        laid_out = all(cpu_packed.rows_laid_out(p) for p in (kf, vf))
+        if usable and not laid_out and kernel == "native" and strict:
+            raise ValueError("the native packed-cache kernel reads heads-major stores (each matrix's rows "
+                             "contiguous); these parts are laid out otherwise")
+        kernel = "native" if usable and laid_out else "torch"
 
     def matrices(parts, lo, hi, which):
         data, scale, *mn = (t[:, lo:hi].transpose(0, 1) for t in parts)
@@ -154,7 +160,7 @@ def packed_chunks(k_parts, v_parts, config, d: int, kernel: str | None = None):
 
     past = lambda lo, hi: (matrices(kf, lo, hi, "k"), matrices(vf, lo, hi, "v"))  # noqa: E731
     past.kernel = kernel
-    if kernel == "native" and all(cpu_packed.rows_laid_out(p) for p in (kf, vf)):
+    if kernel == "native":
         past.attend = cpu_packed.Attend(cpu_packed.library(), kf, vf, config, d)
     # chunks are tiles of codes in float32 (torch, unpack); native chunks copy nothing, and are
     # bounded only for their scores (values * rep / d floats): few chunks, few Python calls

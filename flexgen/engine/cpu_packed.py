@@ -445,14 +445,18 @@ def weighted(lib, data, scale, mn, half: float, p, bits: int, group_size: int, d
     return out[..., :d]
 
 
+def _strides_are(t, dims, want) -> bool:
+    """t's strides at dims are want, except where a dim has size 1 (never stepped over)."""
+    return all(t.shape[i] == 1 or t.stride(i) == w for i, w in zip(dims, want))
+
+
 def rows_laid_out(parts) -> bool:
     """Whether packed parts (n, matrices, groups, x) have each matrix's rows contiguous, as the
     kernel reads them (any stride between matrices; scale and min alike)."""
     data, scale, *mn = parts
     _, _, groups, nb = data.shape
-    ok = data.stride(0) == groups * nb and data.stride()[2:] == (nb, 1)
-    ok = ok and scale.stride(0) == groups and scale.stride(2) == 1
-    return ok and all(m.stride() == scale.stride() for m in mn)
+    ok = _strides_are(data, (0, 2, 3), (groups * nb, nb, 1)) and _strides_are(scale, (0, 2), (groups, 1))
+    return ok and all(_strides_are(m, (0, 1, 2), (scale.stride(0), scale.stride(1), scale.stride(2))) for m in mn)
 
 
 class Attend:
@@ -498,11 +502,11 @@ class Attend:
 
 
 def laid_out(data, scale, mn) -> bool:
-    """Whether chunk views have the layout the kernel reads: each matrix's rows contiguous (any
-    stride between matrices, the same for scale and min)."""
+    """Whether chunk views (c, n, groups, x) have the layout the kernel reads: each matrix's rows
+    contiguous (any stride between matrices, the same for scale and min)."""
     c, n, groups, nb = data.shape
-    ok = data.stride()[1:] == (groups * nb, nb, 1) and scale.stride()[1:3] == (groups, 1)
-    return ok and (mn is None or mn.stride() == scale.stride())
+    ok = _strides_are(data, (1, 2, 3), (groups * nb, nb, 1)) and _strides_are(scale, (1, 2), (groups, 1))
+    return ok and (mn is None or _strides_are(mn, (0, 1, 2), (scale.stride(0), scale.stride(1), scale.stride(2))))
 
 
 def _query(q, groups, group_size, bits):
