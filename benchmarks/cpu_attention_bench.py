@@ -8,12 +8,17 @@ memory bandwidth (measured here with a large copy at all threads, read + write c
 The store is heads-major (batch, heads, positions, d), as the engine keeps a CPU-attention cache,
 unless --layout positions (rows as read from disk: the kernel copies each chunk of matrices out).
 --compress packs it 4-bit (group 64 along the head dim) in the same layout, and --kernels picks
-how it is read (cpu_attention.packed_chunks): 'auto' (the native C kernel where it builds, else
-'torch'), 'native', 'torch' (scale and min folded into the products, PyTorch ops on cache-sized
-tiles), 'unpack' (each chunk dequantised into float32, then multiplied: the kernel before the
-folded products). Each is shown beside a plain copy (torch copy_ into allocated tensors) of the same packed bytes at the
-same thread count: the kernel's floor is about that copy's time. Workers: 'threads' = one Python thread per torch thread (each running torch
-single-threaded), 1 = chunks in turn over torch's threads, 'auto' = the kernel's probed choice.
+how it is read (cpu_attention.packed_chunks): 'auto' (the engine's choice: the native C kernel of
+flexgen/engine/cpu_packed.py where it builds, else 'torch'), 'native', 'torch' (scale and min
+folded into the products, PyTorch ops on cache-sized tiles), 'unpack' (each chunk dequantised into
+float32, then multiplied: the kernel before the folded products, and their reference). Each row
+stands beside a plain copy (torch copy_ into allocated tensors) of the same stored bytes at the
+same thread count ('copy GiB/s', 'x copy time'): a kernel that reads the packed bytes once is
+memory-bound when its time is about that copy's (a copy also writes them, so a read-only pass
+can go below 1.0x). 'rel err': against float64 attention over the dequantised values (the folded
+products: ~1e-6; unpack: ~4e-7). Workers: 'threads' = one Python thread per torch thread (each
+running torch single-threaded), 1 = chunks in turn over torch's threads, 'auto' = the kernel's
+choice (the probe; native packed chunks: one thread per torch thread).
 
 Usage: PYTHONPATH=. python3 benchmarks/cpu_attention_bench.py [--seqs 64] [--ctx 544] [--heads 56]
        [--kv-heads 56] [--head-dim 128] [--threads 1,2,4,8,16] [--workers threads,1,auto]
