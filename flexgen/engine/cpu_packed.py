@@ -547,4 +547,30 @@ def _self_check() -> str | None:
         if not (torch.allclose(s, want, rtol=1e-4, atol=1e-4) and
                 torch.allclose(o, torch.bmm(p, deq), rtol=1e-4, atol=1e-4)):
             return f"{bits}-bit, group {gs}, d {d}: results differ"
+        if r <= _STATE["limits"][2] and not _attend_agrees(lib, pk, deq, q, cfg, d):
+            return f"{bits}-bit, group {gs}, d {d}: the whole-chunk call differs"
     return None
+
+
+def _attend_agrees(lib, pk, deq, q, cfg, d) -> bool:
+    """Attend on matrices (3, 17, d) (K = V) with a row partly and a row wholly masked, against
+    the same softmax block in PyTorch."""
+    import types
+    parts = [t.transpose(0, 1) for t in pk.parts()]        # (n, matrices, groups, x), as the engine's
+    invalid = torch.zeros(3, 18, dtype=torch.bool)
+    invalid[1, :5] = True
+    invalid[2, :17] = True
+    c, r = q.shape[:2]
+    state = types.SimpleNamespace(q=q, invalid=invalid, masked=True, m=torch.empty(c, r),
+                                  total=torch.empty(c, r), acc=torch.empty(c, r, d))
+    run = Attend(lib, parts, parts, cfg, d)
+    if not run.prepare(state):
+        return True
+    run(state, 0, 1, 17)
+    run(state, 1, 3, 17)                                    # a chunk not at matrix 0
+    sc = torch.bmm(q, deq.transpose(1, 2)).masked_fill(invalid[:, None, :17], float("-inf"))
+    m = sc.amax(-1)
+    p = (sc - torch.where(torch.isinf(m), 0.0, m)[..., None]).exp()
+    return (torch.equal(state.m.isinf(), m.isinf()) and torch.allclose(state.m[~m.isinf()], m[~m.isinf()]) and
+            torch.allclose(state.total, p.sum(-1), rtol=1e-4, atol=1e-5) and
+            torch.allclose(state.acc, torch.bmm(p, deq), rtol=1e-4, atol=1e-4))
