@@ -28,6 +28,7 @@ import torch
 
 _SOURCE = r"""
 
+
 #include <stdint.h>
 #include <string.h>
 #if defined(__F16C__)
@@ -117,8 +118,10 @@ static inline __attribute__((always_inline)) void qk_body(
                         vf hi0 = code16(x0 + b, bits, 1), hi1 = code16(x1 + b, bits, 1);
                         for (int i = 0; i < r; i++) {
                             vf ql = ldf(qm + (long)i * D + j * G + b), qh = ldf(qm + (long)i * D + j * G + h + b);
-                            g0[i] += ql * lo0 + qh * hi0;
-                            g1[i] += ql * lo1 + qh * hi1;
+                            g0[i] += ql * lo0;   /* as two statements: two FMAs (one sum: mul, FMA, add) */
+                            g1[i] += ql * lo1;
+                            g0[i] += qh * hi0;
+                            g1[i] += qh * hi1;
                         }
                     } else {
                         for (int i = 0; i < r; i++) {
