@@ -162,14 +162,17 @@ def profile_cpu(quick: bool) -> dict:
 
     def attention(over=past):
         cpu_decode_attention(q, over, S - 1, kc[S - 1:], vc[S - 1:], invalid, d ** -0.5)
-    # the same cache packed 4-bit as --compress-cache stores it (groups along the head dim)
+    # the same cache packed 4-bit as --compress-cache stores it (groups along the head dim), read
+    # by the kernel the engine picks on this machine (packed_chunks' default: the native folded
+    # kernel where it builds, else its PyTorch version), cut to the written rows as the engine does
     ccfg = CompressionConfig(num_bits=4, group_size=64, group_dim=3)
-    kp, vp = ([t.movedim(2, 0) for t in compress(x.movedim(0, 2).contiguous(), ccfg).parts()] for x in (kc, vc))
+    kp, vp = ([t.movedim(2, 0)[:S - 1] for t in compress(x.movedim(0, 2).contiguous(), ccfg).parts()]
+              for x in (kc, vc))
     packed_past = packed_chunks(kp, vp, ccfg, d)
     w = torch.randn(1024, 1024 if quick else 4096)
     packed = compress(w, CompressionConfig(num_bits=4, group_size=64, group_dim=0))
     out = {"cores": cores, "threads": threads, "matmul_gflops": {}, "attention_gib_s": {},
-           "packed_attention_gelem_s": {}, "dequant_gelem_s": {}}
+           "packed_attention_gelem_s": {}, "packed_attention_kernel": packed_past.kernel, "dequant_gelem_s": {}}
     try:
         for t in threads:
             torch.set_num_threads(t)
@@ -325,7 +328,8 @@ def main(argv=None) -> int:
     t = str(c["threads"][-1])
     print(f"cpu {c['cores']} cores: matmul {c['matmul_gflops'][t]:.0f} GFLOP/s, attention "
           f"{c['attention_gib_s'][t]:.1f} GiB/s of cache at {t} threads "
-          f"({c['packed_attention_gelem_s'][t]:.1f} G values/s packed 4-bit)")
+          f"({c['packed_attention_gelem_s'][t]:.1f} G values/s packed 4-bit, {c.get('packed_attention_kernel', 'unpack')} "
+          f"kernel)")
     print(f"disk {d['path']}: read {d['read_gib_s']:.2f} GiB/s, write {d['write_gib_s']:.2f} GiB/s "
           f"({'O_DIRECT' if d['direct_io'] else 'fsync + fadvise'})")
     print(f"saved {path} ({prof['seconds']:.1f} s)")

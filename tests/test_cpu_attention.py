@@ -84,7 +84,7 @@ def test_packed_heads_major_store(bits, symmetric, workers):
     got = run(q, past, n_past, k, v, valid, workers)
     torch.testing.assert_close(got, dense(q, kd, vd, valid), rtol=1e-5, atol=1e-5)
     # exactly decompress's values
-    torch.testing.assert_close(past(1, 7)[1], vd[:n_past].flatten(1, 2)[:, 1:7].transpose(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(past(1, 7)[1].values(), vd[:n_past].flatten(1, 2)[:, 1:7].transpose(0, 1), rtol=0, atol=0)
 
 
 def test_packed_parts_are_the_engine_store():
@@ -106,7 +106,7 @@ def test_packed_parts_are_the_engine_store():
     assert not buf.parts[0].segments[0][1].is_contiguous()         # heads-major behind the view
     parts = [p.segments[0][1][:12] for p in buf.parts]
     past = packed_chunks(parts, parts, buf.config, 16)
-    torch.testing.assert_close(past(0, 6)[0], buf.view_rows(0, 12).flatten(1, 2).transpose(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(past(0, 6)[0].values(), buf.view_rows(0, 12).flatten(1, 2).transpose(0, 1), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -34,6 +34,7 @@ def test_profile_quick_writes_cpu_profile(tmp_path):
     assert cpu["threads"][0] == 1 and cpu["threads"][-1] == min(os.cpu_count(), 32)
     for key in ("matmul_gflops", "attention_gib_s", "packed_attention_gelem_s", "dequant_gelem_s"):
         assert set(cpu[key]) == {str(t) for t in cpu["threads"]} and min(cpu[key].values()) > 0
+    assert cpu["packed_attention_kernel"] in ("native", "torch")   # the folded kernel the engine runs here
     assert prof["disk"]["read_gib_s"] > 0 and prof["disk"]["write_gib_s"] > 0
     assert prof["seconds"] < 20
 

@@ -12,9 +12,12 @@ the H100 host).
 
 The kernel walks chunks of the b * kv_heads matrices, and `past(lo, hi)` hands it each chunk as
 (hi - lo, positions, d): a view of a heads-major store (row_chunks), a chunk copied out of
-position-major rows read from disk (row_chunks), or a chunk unpacked from a packed 4/8-bit store
-into float32 (packed_chunks). A chunk is at most CHUNK_ELEMS values per K, and UNPACK_ELEMS per
-thread working on it where it is copied or unpacked (so its buffers stay in cache): the extra
+position-major rows read from disk (row_chunks), or, for a packed 4/8-bit store (packed_chunks),
+views of its packed bytes, scales and minimums (_PackedMatrices), which the softmax multiplies
+with each group's scale and minimum folded into the two products, reading the packed bytes once
+where they lie: the native C kernel of cpu_packed.py, else a PyTorch version of the same folded
+products over tiles of codes. A chunk is at most CHUNK_ELEMS values per K, and UNPACK_ELEMS per
+thread working on it where it is copied or converted (so its buffers stay in cache): the extra
 memory is one chunk per worker (buffers each thread keeps and reuses), never a copy of the cache.
 
 Parallelism, the rule: on some CPUs torch's fp16 bmm is parallel inside (Xeon with AVX512-FP16/AMX
@@ -23,15 +26,19 @@ Python threads" nor "one chunk stream over torch's threads" wins everywhere, and
 oversubscribes. With workers=None, a one-time probe per process and thread count times both on
 a 64 MB fp16 cache and keeps the faster: 1 worker (chunks in turn, torch's intra-op threads) or
 one worker per torch thread (chunks on a pool of Python threads, each running torch single-threaded).
-The probe's choice holds for chunks that are unpacked too (measured on the H100 host, 4-bit,
-16 threads: 133 ms per OPT-30B layer on one worker, 499 ms on a pool of 16, whose small unpacking
-ops then queue on Python's lock). An explicit `workers` = w overrides it: w Python threads of
-torch.get_num_threads() // w each.
+The probe's choice holds for packed chunks that PyTorch ops convert (measured on the H100 host,
+4-bit, 16 threads, the old unpack-then-multiply: 133 ms per OPT-30B layer on one worker, 499 ms on
+a pool of 16, whose small unpacking ops then queue on Python's lock). Packed chunks that go to the
+native kernel run on one core each (it is a plain C loop called with the GIL released), so there
+workers=None is one worker per torch thread, without a probe. An explicit `workers` = w overrides
+both: w Python threads of torch.get_num_threads() // w each (the native kernel uses one of them).
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -51,21 +58,28 @@ def cpu_decode_attention(q, past, n_past: int, k_new, v_new, invalid, scale: flo
     g = k_new.shape[2]
     bg = b * g
     threads = torch.get_num_threads()
-    if workers is None:
-        workers = auto_workers(threads)
+    if workers is None:   # native packed chunks run on one core each: a pool of one thread per core
+        workers = threads if getattr(past, "one_core", False) else auto_workers(threads)
     workers = max(1, min(workers, bg))
     state = _Softmax(q.reshape(bg, heads // g, d).float() * scale, invalid.repeat_interleave(g, dim=0))
     if n_past:
         copied = getattr(past, "elems_per_thread", None)
         if copied is None:   # views of the store cost no memory: one chunk per worker, the fewest calls
             per = -(-bg // workers)
-        else:                # a multiple of `workers` chunks within CHUNK_ELEMS: threads finish together
-            limit = min(CHUNK_ELEMS, copied * max(1, threads // workers))
+        else:                # a multiple of `workers` chunks within CHUNK_ELEMS (native packed chunks:
+                             # 4x, they copy nothing): threads finish together
+            limit = min(CHUNK_ELEMS * getattr(past, "chunks_of", 1), copied * max(1, threads // workers))
             rounds = -(-bg * n_past * d // (limit * workers))
             per = -(-bg // (rounds * workers))
 
+        whole = getattr(past, "attend", None)     # native packed: a chunk's block in one call
+        if whole is not None and not whole.prepare(state):
+            whole = None
+
         def chunk(lo):
             hi = min(lo + per, bg)
+            if whole is not None:
+                return whole(state, lo, hi, n_past)
             k, v = past(lo, hi)
             state.fold(k, v, 0, n_past, lo, hi)
 
@@ -101,20 +115,153 @@ def row_chunks(k, v):
     return past
 
 
-def packed_chunks(k_parts, v_parts, config, d: int):
-    """past(lo, hi) over packed rows: k_parts, v_parts = [data, scale(, min)], each (n, b, g, groups,
-    ...) with the groups along the head dim d. Each chunk is unpacked by itself, straight into
-    (chunk, n, d) order (a heads-major store is read in its memory order), as float32: the exact
-    dequantised values, and no pass to cast them (fp16 casts and GEMMs are slow on CPUs without
-    fp16 units, and the products of a chunk in cache are cheap next to the unpacking)."""
-    kf, vf = [t.flatten(1, 2) for t in k_parts], [t.flatten(1, 2) for t in v_parts]
+_KERNELS = ("auto", "native", "torch", "unpack")
 
-    def unpack(parts, lo, hi, which):
-        # compression._decompress_torch's math (the same bits) into buffers this thread keeps:
-        # fresh full-size temporaries cost 5-10x here (page faults, which also serialise threads)
+
+def packed_chunks(k_parts, v_parts, config, d: int, kernel: str | None = None):
+    """past(lo, hi) over packed rows: k_parts, v_parts = [data, scale(, min)], each (n, b, g, groups,
+    ...) with the groups along the head dim d. Each chunk is handed on as _PackedMatrices, views of
+    the packed bytes where they lie, which the softmax multiplies with scale and minimum folded in
+    (no dequantised copy). kernel: "native" (cpu_packed.py's C kernel: each chunk on one core, so
+    chunks go to a pool of one Python thread per torch thread), "torch" (the same folded products
+    in PyTorch ops on tiles of codes converted to float in this thread's buffers), "unpack" (the
+    chunk dequantised into float32, then the plain products: the reference, and what ran before);
+    None: $FLEXGEN_CPU_PACKED_KERNEL if set, else auto: native where it builds and fits, else torch.
+    Named here, native is required (ValueError where it is not usable); from the variable, preferred."""
+    strict = kernel is not None   # asked for by name here; FLEXGEN_CPU_PACKED_KERNEL only prefers
+    if kernel is None:
+        kernel = os.environ.get("FLEXGEN_CPU_PACKED_KERNEL", "").lower() or "auto"
+        if kernel not in _KERNELS:
+            warnings.warn(f"FLEXGEN_CPU_PACKED_KERNEL={kernel!r} is none of {', '.join(_KERNELS)}: using auto")
+            kernel = "auto"
+    if kernel not in _KERNELS:
+        raise ValueError(f"packed-cache CPU attention kernel must be auto, native, torch or unpack, got {kernel!r}")
+    kf, vf = [t.flatten(1, 2) for t in k_parts], [t.flatten(1, 2) for t in v_parts]
+    groups, nbytes = kf[0].shape[-2:]
+    if kernel in ("auto", "native"):
+        from . import cpu_packed
+        lib = cpu_packed.library() if config.num_bits in (4, 8) else None
+        usable = lib is not None and cpu_packed.fits(config.num_bits, groups, config.group_size)
+        if not usable and kernel == "native" and strict:
+            raise ValueError(f"the native packed-cache kernel is not usable here: "
+                             f"{cpu_packed.unavailable() or 'shape outside its limits'}")
+        # it reads each matrix's rows where they lie: a heads-major store (the engine's CPU-attention
+        # cache); packed rows in another layout take the PyTorch version, in its cache-sized tiles
+        laid_out = all(cpu_packed.rows_laid_out(p) for p in (kf, vf))
+        if usable and not laid_out and kernel == "native" and strict:
+            raise ValueError("the native packed-cache kernel reads heads-major stores (each matrix's rows "
+                             "contiguous); these parts are laid out otherwise")
+        kernel = "native" if usable and laid_out else "torch"
+
+    def matrices(parts, lo, hi, which):
         data, scale, *mn = (t[:, lo:hi].transpose(0, 1) for t in parts)
+        m = _PackedMatrices(data, scale, mn[0] if mn else None, config, d, which, kernel)
+        return m.values() if kernel == "unpack" else m
+
+    past = lambda lo, hi: (matrices(kf, lo, hi, "k"), matrices(vf, lo, hi, "v"))  # noqa: E731
+    past.kernel = kernel
+    if kernel == "native":
+        past.attend = cpu_packed.Attend(cpu_packed.library(), kf, vf, config, d)
+    # chunks are tiles of codes in float32 (torch, unpack); native chunks copy nothing, and are
+    # bounded only for their scores (values * rep / d floats): few chunks, few Python calls
+    past.elems_per_thread = (4 * CHUNK_ELEMS) if kernel == "native" else UNPACK_ELEMS
+    past.chunks_of = 4 if kernel == "native" else 1      # chunks up to this many CHUNK_ELEMS
+    past.one_core = kernel == "native"
+    return past
+
+
+class _PackedMatrices:
+    """Matrices lo..hi of a packed store, read in place: data (c, n, groups, bytes) uint8, scale
+    and min (c, n, groups, 1) fp16 (min None: symmetric). With u the codes, s a group's scale,
+    c = u - 2^(bits-1) the centred codes and z = min + 2^(bits-1) s (symmetric: 0), a value is
+    s c + z, so q.k = sum over groups of s (q_g . c_g) + z sum(q_g), and p @ v = (p s) @ c + p @ z
+    per group. Centred, z is the group's mid-range: small next to s (q . u) and min sum(q), which
+    cancel (to ~1e-5 relative error in float32 for uncentred codes, ~1e-7 centred)."""
+
+    def __init__(self, data, scale, mn, config, d, which, kernel):
+        self.data, self.scale, self.mn, self.config, self.d = data, scale, mn, config, d
+        self.which, self.kernel = which, kernel
+        self.n = data.shape[1]
+        self.half = float(1 << (config.num_bits - 1))
+
+    def _native(self):
+        """cpu_packed where this chunk goes to the native kernel (chunks whose rows are not
+        contiguous, e.g. a position-major store, take the PyTorch version)."""
+        from . import cpu_packed
+        if self.kernel != "native" or not cpu_packed.laid_out(self.data, self.scale, self.mn):
+            return None
+        return cpu_packed
+
+    def scores(self, q):
+        """q (c, r, d) float32 -> (c, r, n) float32."""
+        native = self._native()
+        cfg = self.config
+        if native is not None:
+            return native.scores(native.library(), self.data, self.scale, self.mn, self.half, q.contiguous(),
+                                 cfg.num_bits, cfg.group_size)
+        c, n, groups, _ = self.data.shape
+        gs, r = cfg.group_size, q.shape[1]
+        u = self._codes()                                               # (c, groups, n, gs)
+        qg = _grouped_query(q, groups, gs, cfg.num_bits)               # (c, groups, r, gs)
+        part = torch.bmm(qg.view(c * groups, r, gs), u.view(c * groups, n, gs).transpose(1, 2))
+        s, z = self._scale_min()                                        # (c, groups, n) float32
+        out = (part.view(c, groups, r, n) * s[:, :, None]).sum(1)
+        return out.baddbmm_(qg.sum(-1).transpose(1, 2), z)             # + sum_g z sum(q_g)
+
+    def weighted(self, p):
+        """p (c, r, n) float32 -> p @ values: (c, r, d) float32."""
+        native = self._native()
+        cfg = self.config
+        if native is not None:
+            return native.weighted(native.library(), self.data, self.scale, self.mn, self.half, p,
+                                   cfg.num_bits, cfg.group_size, self.d)
+        c, n, groups, _ = self.data.shape
+        gs, r = cfg.group_size, p.shape[1]
+        u = self._codes()
+        s, z = self._scale_min()
+        ps = (p[:, None] * s[:, :, None]).contiguous()                   # (c, groups, r, n)
+        o = torch.bmm(ps.view(c * groups, r, n), u.view(c * groups, n, gs)).view(c, groups, r, gs)
+        o = o.add_(torch.bmm(p, z.transpose(1, 2)).transpose(1, 2)[..., None])    # + p @ z per group
+        o = o.transpose(1, 2)                                            # (c, r, groups, gs)
+        if cfg.num_bits == 4:   # codes are [low nibbles | high nibbles]: even and odd positions
+            o = torch.stack([o[..., :gs // 2], o[..., gs // 2:]], -1)
+        return o.reshape(c, r, groups * gs)[..., :self.d]
+
+    def _codes(self):
+        """The centred codes as float32 (c, groups, n, gs) in this thread's buffer (cache-sized: a
+        tile), 4-bit as [low nibbles | high nibbles] per group: byte ops, then one conversion."""
+        c, n, groups, nb = self.data.shape
+        gs = self.config.group_size
+        u = _scratch(self.which, c * groups * n * gs, torch.float32).view(c, groups, n, gs)
+        dst = u.transpose(1, 2)
+        nib = _scratch("nibble", self.data.numel(), torch.uint8).view(self.data.shape)
+        signed = nib.view(torch.int8)
+        if self.config.num_bits == 4:
+            torch.bitwise_and(self.data, 0x0F, out=nib)
+            torch.sub(signed, 8, out=dst[..., :nb])
+            torch.bitwise_right_shift(self.data, 4, out=nib)
+            torch.sub(signed, 8, out=dst[..., nb:])
+        else:       # u - 128 is u with its top bit flipped, read as int8
+            torch.bitwise_xor(self.data, 0x80, out=nib)
+            dst.copy_(signed)
+        return u
+
+    def _scale_min(self):
+        """Scale and the centred codes' zero point z = min + 2^(bits-1) scale as float32 (c, groups, n)."""
+        f32 = dict(dtype=torch.float32, memory_format=torch.contiguous_format)
+        s = self.scale[..., 0].transpose(1, 2).to(**f32)
+        if self.mn is None:
+            return s, torch.zeros_like(s)
+        return s, (self.mn[..., 0].transpose(1, 2).to(**f32)).add_(s, alpha=self.half)
+
+    def values(self):
+        """The dequantised matrices, (c, n, d) float32: compression._decompress_torch's math (the
+        same numbers) into this thread's buffers (fresh full-size temporaries cost 5-10x here:
+        page faults, which also serialise threads). What the kernel multiplied before the
+        folded products; kept as their reference."""
+        config, data, scale = self.config, self.data, self.scale
         c, n, groups, nbytes = data.shape
-        x = _scratch(which, data.numel() * 8 // config.num_bits, torch.float32).view(c, n, groups, -1)
+        x = _scratch(self.which, data.numel() * 8 // config.num_bits, torch.float32).view(c, n, groups, -1)
         if config.num_bits == 4:
             nibble = _scratch("nibble", data.numel(), torch.uint8).view(data.shape)
             x[..., 0::2] = torch.bitwise_and(data, 0x0F, out=nibble)
@@ -123,14 +270,21 @@ def packed_chunks(k_parts, v_parts, config, d: int):
             x.copy_(data)
         s = _scratch("scale", scale.numel(), torch.float32).view(scale.shape).copy_(scale)
         if config.symmetric:
-            x.sub_(1 << (config.num_bits - 1)).mul_(s)
+            x.sub_(self.half).mul_(s)
         else:
-            x.mul_(s).add_(_scratch("min", scale.numel(), torch.float32).view(scale.shape).copy_(mn[0]))
-        return x.view(c, n, -1)[..., :d]
+            x.mul_(s).add_(_scratch("min", scale.numel(), torch.float32).view(scale.shape).copy_(self.mn))
+        return x.view(c, n, -1)[..., :self.d]
 
-    past = lambda lo, hi: (unpack(kf, lo, hi, "k"), unpack(vf, lo, hi, "v"))  # noqa: E731
-    past.elems_per_thread = UNPACK_ELEMS
-    return past
+
+def _grouped_query(q, groups, gs, bits):
+    """q (c, r, d) float32, padded to groups * gs, as (c, groups, r, gs) in the codes' order."""
+    c, r, d = q.shape
+    if groups * gs != d:
+        q = torch.nn.functional.pad(q, (0, groups * gs - d))
+    g = q.reshape(c, r, groups, gs)
+    if bits == 4:
+        g = g.view(c, r, groups, gs // 2, 2).transpose(-1, -2)
+    return g.transpose(1, 2).reshape(c, groups, r, gs).contiguous()
 
 
 _POOLS = {}
@@ -203,8 +357,12 @@ class _Softmax:
         possibly more rows after them that are not attended (finite: they meet a zero weight);
         a == 0 is the first block of those rows (nothing to merge with)."""
         rows = slice(lo, hi)
-        scores = torch.bmm(self.q[rows].to(k.dtype), k.transpose(1, 2)).float()   # (m, rep, n)
-        if k.shape[1] > e - a:   # a view over the store's whole capacity: rows past e are not written
+        packed = isinstance(k, _PackedMatrices)
+        if packed:   # scale and min folded into the product, the packed bytes read in place
+            scores, n = k.scores(self.q[rows]), k.n
+        else:
+            scores, n = torch.bmm(self.q[rows].to(k.dtype), k.transpose(1, 2)).float(), k.shape[1]   # (m, rep, n)
+        if n > e - a:   # a view over the store's whole capacity: rows past e are not written
             scores[..., e - a:] = float("-inf")
         if self.masked:
             scores[..., :e - a].masked_fill_(self.invalid[rows, None, a:e], float("-inf"))
@@ -215,7 +373,7 @@ class _Softmax:
         # rows with nothing valid yet keep -inf: shift by 0 there so exp() gives 0, not NaN
         shift = torch.where(torch.isinf(m_new), 0.0, m_new)
         p = scores.sub_(shift[..., None]).exp_()
-        pv = torch.bmm(p.to(v.dtype), v).float()
+        pv = v.weighted(p) if packed else torch.bmm(p.to(v.dtype), v).float()
         if a:
             corr = (m_old - shift).exp_()
             self.total[rows] = self.total[rows] * corr + p.sum(-1)

@@ -35,6 +35,11 @@ class LayerCache:
                                             name=f"{name}.{tag}", pin=not inner, cpu_rows_inner=inner,
                                             reuse=True)
         self.compressed = compression is not None
+        if self.compressed and cpu_compute:
+            # the native packed-attention kernel is built (once per machine) or loaded now, not
+            # inside the first decode step's timing (cpu_packed.py; None: its PyTorch version)
+            from . import cpu_packed
+            cpu_packed.library()
         self.k, self.v = make("k"), make("v")
         # A segment is "resident" when attention runs right where it is stored: new rows are
         # written in place and the stored rows are read there without a transfer.
