@@ -9,6 +9,8 @@ Scenarios (policies: the original app's T4 scripts, test_batch_query_all_opt{6.7
   FZ67   OPT-6.7B, Fodors-Zagats shape: 189 prompts x 744 tokens, 3 new; --percent 100 0 100 0 100 0, 2 x 1
   FZ30   OPT-30B, same shape; --percent 10 90 0 100 0 100, 20 x 3
   DA30   OPT-30B, DBLP-ACM shape: 200 x 1274, 3 new; --percent 10 90 0 100 0 100, 10 x 5
+  FZ30H / DA30H  the same with half the sequences per block (10 x 3, 5 x 5): the T4 policies keep
+                 the block's cache in CPU memory, 111 / 138 GB with the weights, beyond a 128 GB host
   FZ30A / DA30A  ours only, --percent auto (gpu batch and count auto) within the 16 GiB cap
 Default: FZ67 FZ30 DA30 FZ30A.
 
@@ -43,6 +45,13 @@ SCENARIOS = {
              248.287),
     "DA30": ("facebook/opt-30b", 200, 1274, 3, "--percent 10 90 0 100 0 100 --gpu-batch-size 10 --num-gpu-batches 5",
              228.184),
+    # The T4 scripts' OPT-30B policies hold the block's KV cache in CPU memory (FZ30 ~61 GB + 50 GB of
+    # weights, DA30 ~88 + 50 GB): made for that machine's 200 GB of DRAM. On a 128 GB host the same
+    # policies with half as many sequences per block:
+    "FZ30H": ("facebook/opt-30b", 189, 744, 3, "--percent 10 90 0 100 0 100 --gpu-batch-size 10 --num-gpu-batches 3",
+              248.287),
+    "DA30H": ("facebook/opt-30b", 200, 1274, 3, "--percent 10 90 0 100 0 100 --gpu-batch-size 5 --num-gpu-batches 5",
+              228.184),
     "FZ30A": ("facebook/opt-30b", 189, 744, 3, "--percent auto --gpu-batch-size auto --num-gpu-batches auto", 248.287),
     "DA30A": ("facebook/opt-30b", 200, 1274, 3, "--percent auto --gpu-batch-size auto --num-gpu-batches auto",
               228.184),
