@@ -522,11 +522,14 @@ def open_model(args, policy=None, need_tokenizer: bool = False, workload=None):
     path = args.path or DEFAULT_PATHS[cls.family_name]
     env = env_from_args(args)
     try:
+        family = resolve_model(args.model, cls.family_name).family
+        prompt_len, gen_len = workload or (args.prompt_len, args.gen_len)
         if policy is None and wants_auto(args):
-            family = resolve_model(args.model, cls.family_name).family
-            prompt_len, gen_len = workload or (args.prompt_len, args.gen_len)
             policy = choose_auto_policy(args, family, env, prompt_len, gen_len).policy
         policy = policy or policy_from_args(args)
+        if not getattr(args, "force", False):   # before any weight is allocated, as flex_* do
+            from .optimizer.memory_model import preflight
+            preflight(family, policy, prompt_len, gen_len, env)
         lm = cls(args.model, env, path, policy, progress=args.verbose >= 1)
     except BaseException:
         env.close_copy_threads()

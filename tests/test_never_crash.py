@@ -154,3 +154,15 @@ def test_profile_is_measured_when_missing_and_refused_when_foreign(zoo, tmp_path
     line = next(l for l in res.stdout.splitlines() if "another machine's" in l)
     assert "GPU NVIDIA H100 80GB HBM3 there, none here" in line and "measured this machine in" in line
     assert json.loads(prof.read_text())["machine"]["gpu"] is None   # replaced by this machine's
+
+
+def test_apps_check_the_policy_fits_before_loading(zoo, tmp_path):
+    """The apps open their model through cli.open_model, which runs flex_*'s pre-flight check:
+    a policy that cannot fit ends with one error line naming a policy that would, before any
+    weight is read (the batch runner here; HELM, data wrangling and lm-eval go the same way)."""
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "the of a", "max_tokens": 2}\n')
+    args = _tiny_cli_args(zoo, tmp_path, "--percent", "0", "100", "100", "0", "100", "0", "--cpu-mem", "64KiB",
+                          "--input", tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl")
+    res = run_cli([a for a in args if a != "--no-log"], module="flexgen.apps.batch")
+    assert_user_error(res, "does not fit", "host memory")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
