@@ -1,0 +1,131 @@
+"""How many operations each layer's forward issues: the host work that bounds small-batch decoding.
+
+A decode step at small batch is host-bound: every aten operation costs the host its dispatch and,
+for most, a kernel launch, whatever its size. The count depends on the family (LLaMA's RMSNorm,
+rotary angles and SwiGLU issue more than OPT's LayerNorm and ReLU), so it is measured, not assumed:
+each distinct layer of the model runs its LayerSpec forward once on meta tensors (no memory, no
+compute) under a TorchDispatchMode that counts what reaches the backend, with an attend that does
+what the engine's decode attention does for an uncompressed resident cache (write the new rows,
+attend over the past). The engine stays family-blind: it is only the LayerSpec forwards that run.
+
+The compressed cache's extra host work is counted the same way, from the engine's own functions:
+quantising a step's new K/V rows (memory.compression.compress over K and V stacked), writing the
+packed parts of each segment, and unpacking a packed segment for attention.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..models.base import StepContext
+
+_B, _PAST = 2, 8     # the count does not depend on sizes; small ones keep shape checks cheap
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _meta_weights(layer):
+    return {w.key: torch.empty(w.shape, dtype=torch.float16, device="meta") for w in layer.weights}
+
+
+def _attend_like_the_engine(seq: int):
+    """ctx.attend for counting: the engine's uncompressed resident path (two row writes, then the
+    attention core over past + new positions)."""
+    from ..engine.attention import attend as core
+
+    def attend(q, k, v, scale, window=None):
+        b, s, kv, d = k.shape
+        total = _PAST + s if s == 1 else s
+        store = [torch.empty((total, b, kv, d), dtype=k.dtype, device="meta") for _ in range(2)]
+        store[0][total - s:].copy_(k.transpose(0, 1))
+        store[1][total - s:].copy_(v.transpose(0, 1))
+        valid = torch.ones((b, total), dtype=torch.bool, device="meta")
+        if s > 1:
+            return core(q, k, v, valid, scale, window=window)
+        ks, vs = (x.permute(1, 0, 2, 3) for x in store)
+        return core(q, ks, vs, valid, scale, invalid=~valid, window=window)
+    return attend
+
+
+def count_layer_ops(layers, seq: int = 1) -> tuple[list[int | None], int]:
+    """(per layer, once per step): aten operations of one forward of each layer in `layers` for
+    one GPU batch at `seq` new positions (1: a decode step), and the operations a step issues once
+    for all its layers (values a family computes in the first layer and keeps in the shared step
+    context, like rotary angles). The layers run in order twice with one shared context, as the
+    engine runs them: the second pass is the per-layer count, the difference the once-per-step
+    one. None for a layer whose forward cannot run on meta tensors (data-dependent control flow,
+    e.g. a mixture of experts' routing)."""
+    ctx = StepContext(input_ids=torch.zeros((_B, seq), dtype=torch.long, device="meta"),
+                      positions=torch.zeros((_B, seq), dtype=torch.long, device="meta"),
+                      attend=_attend_like_the_engine(seq))
+    passes = []
+    for _ in range(2):
+        counts, hidden = [], None
+        for layer in layers:
+            w = _meta_weights(layer)
+            h = hidden
+            if layer.kind != "embed" and h is None:
+                width = next((x.shape[-1] for x in layer.weights if len(x.shape) == 2), 1)
+                h = torch.empty((_B, seq, width), dtype=torch.float16, device="meta")
+            if layer.kind == "head" and h is not None:
+                h = h[:, -1:]
+            mode = _Counter()
+            try:
+                with mode:
+                    out = layer.forward(w, h, ctx)
+            except Exception:   # data-dependent ops (.item(), .tolist()) have no meta value
+                counts.append(None)
+                continue
+            counts.append(mode.n)
+            if layer.kind != "head" and isinstance(out, torch.Tensor):
+                hidden = out
+        passes.append(counts)
+    first, steady = passes
+    once = sum(a - b for a, b in zip(first, steady) if a is not None and b is not None)
+    return steady, once
+
+
+def count_compressed_cache_ops(kv_heads: int, head_dim: int, config) -> dict:
+    """Host operations of a compressed cache per layer and GPU batch of a decode step: `write`,
+    quantising the new K/V rows (one call, K and V stacked; engine/kv_cache.new_rows);
+    `write_segment`, writing one segment's packed parts of K and V; `unpack`, unpacking one
+    segment's past rows of K and V into a buffer with room for the new row (torch path; the CUDA
+    path unpacks a cache through one fused kernel, counted by `unpack_fused`)."""
+    import dataclasses
+
+    from ..memory.compression import compress, packed_shapes
+    from ..memory.placement import Deferred
+    cfg = dataclasses.replace(config, group_dim=3)
+    rows = [torch.empty((1, _B, kv_heads, head_dim), dtype=torch.float16, device="meta") for _ in range(2)]
+    mode = _Counter()
+    with mode:
+        parts = compress(torch.stack(rows), dataclasses.replace(cfg, group_dim=4)).parts()
+    write = mode.n
+    shapes = [s for s in packed_shapes((_PAST + 1, _B, kv_heads, head_dim), cfg) if s is not None]
+    stores = [torch.empty(s, dtype=t.dtype, device="meta") for s, t in zip(shapes, parts)]
+    mode = _Counter()
+    with mode:
+        for kv in range(2):
+            for st, t in zip(stores, parts):
+                st[_PAST:_PAST + 1].copy_(t[kv][:, :, 0:kv_heads])
+    write_segment = mode.n
+    from ..memory.compression import Packed
+    mode = _Counter()
+    with mode:
+        for _ in range(2):
+            views = [st[:_PAST] for st in stores]
+            p = Packed(views[0], views[1], views[2] if len(views) == 3 else None,
+                       (_PAST, _B, kv_heads, head_dim), cfg)
+            Deferred(p, torch.float16).value_with(rows[0])
+    unpack = mode.n
+    # the fused path: per K and V, the row views, one output buffer, one launch, the new row's copy
+    unpack_fused = 2 * (len(stores) + 1 + 1 + 2)
+    return {"write": write, "write_segment": write_segment, "unpack": unpack, "unpack_fused": unpack_fused}
