@@ -137,8 +137,7 @@ def decompress(p: Packed, dtype=None, shape=None, out: torch.Tensor | None = Non
         res = triton_dequant.unpack(flat[0], dtype, flat[1], _decompress_torch,
                                     None if out is None else out.view(flat[1]))
         return res.view(shape) if out is None else out
-    x = _decompress_torch(p, dtype, shape)
-    return x if out is None else out.copy_(x)
+    return _decompress_torch(p, dtype, shape, out)
 
 
 def _as_matrix(p: Packed, shape):
@@ -155,7 +154,7 @@ def _as_matrix(p: Packed, shape):
     return m, (rows, shape[-1])
 
 
-def _decompress_torch(p: Packed, dtype, shape) -> torch.Tensor:
+def _decompress_torch(p: Packed, dtype, shape, out: torch.Tensor | None = None) -> torch.Tensor:
     cfg = p.config
     q = p.data
     if cfg.num_bits == 4:
@@ -167,5 +166,5 @@ def _decompress_torch(p: Packed, dtype, shape) -> torch.Tensor:
         x = q.float() * scale + p.mn.float()
     dim = cfg.group_dim % len(shape)
     moved = [s for i, s in enumerate(shape) if i != dim] + [shape[dim]]
-    x = x.reshape(*x.shape[:-2], -1)[..., :shape[dim]].reshape(moved)
-    return x.movedim(-1, dim).to(dtype)
+    x = x.reshape(*x.shape[:-2], -1)[..., :shape[dim]].reshape(moved).movedim(-1, dim)
+    return x.to(dtype) if out is None else out.copy_(x)   # copy_ rounds as .to does

@@ -34,6 +34,14 @@ REFERENCE_MODEL = ("facebook/opt-6.7b", "opt")
 # 30B, H100, benchmarks/RESULTS.md (2026-11-26, session 2).
 PREFILL_EFFICIENCY = 0.75
 GQA_CPU_SLOWDOWN_REP4 = 0.333 / 0.143   # see Rates.gqa_slowdown4
+# Host cost of an operation on the compressed cache's paths (quantise, write the packed parts,
+# unpack) over that of an operation in a layer's forward: the Python around them (packed
+# dataclasses, per-part writes) is heavier. Profiles may carry it measured (`cache_op_s`);
+# otherwise this ratio, fitted with the operations counted as the engine issued them then
+# (check_cost_model.py --engine-before) on four host-bound runs of two machines: V6 (OPT-13B,
+# 4-bit cache all on the GPU, 32 x 2, H100, sessions 2 and 3: +8% / +18% with it), P3x (H100,
+# -12%), N4 (H200, session 4: -1%); L3A (+2%) was not in the fit.
+CACHE_OP_RATIO = 1.8
 
 # Used when no profile is given and none is cached: H100 figures from ../shared/DESIGN.md
 # (copies, fp16 matmul, CPU matmul). HBM bandwidth, disk and CPU attention/dequantisation rates are
@@ -120,12 +128,14 @@ class Rates:
             self.flops = g.get("fp16_tflops_best", _best(g.get("fp16_tflops"))) * 1e12
             self.dequant = g["dequant_gelem_s"] * 1e9
             self.host_op = g.get("host_op_s") or reference_host_op_s(True)
+            self.cache_op = g.get("cache_op_s") or CACHE_OP_RATIO * self.host_op
         else:  # the CPU is the compute device: its memory is the "gpu" and the "cpu" tier
             self.h2d_pinned = self.h2d_pageable = self.d2h = math.inf
             self.dev_bw = c.get("mem_bw_gib_s", 20.0) * GiB
             self.flops = _best(c.get("matmul_gflops")) * 1e9
             self.dequant = self.cpu_dequant
             self.host_op = c.get("host_op_s") or reference_host_op_s(False)
+            self.cache_op = c.get("cache_op_s") or CACHE_OP_RATIO * self.host_op
 
     def gqa_factor(self, rep: int) -> float:
         """CPU attention time at rep query heads per KV head over its time at rep = 1 (linear in
@@ -419,6 +429,7 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
     h2d_w = rates.h2d_pinned if grid.pin_weight else rates.h2d_pageable
     ccc = grid.ccc.astype(bool)
     act_frac = act_n / np.maximum(gbs, 1)[:, None]
+    act_off = (act_frac[:, 1] + act_frac[:, 2]) > 0
     ops = host_ops(family)
     cache_ops = {id(l): cache_host_ops(l.kv_heads, l.head_dim, ccfg) for _, l in attn}
     first_attn = next((i for i, (_, l) in enumerate(_layer_types(family)) if l.kind == "attention"), 0)
@@ -472,8 +483,7 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                             if not prefill:   # unpack each segment attention reads on the device
                                 reads = (hg > 0) + np.where(on_cpu, 0, hc > 0) + (hdk > 0)
                                 cache_host = cache_host + reads * co["unpack_fused" if is_cuda else "unpack"]
-                            opm = op[mm2] if isinstance(op, np.ndarray) else op
-                            host[np.flatnonzero(mm2)] += k[mm2] * cache_host * opm
+                            host[np.flatnonzero(mm2)] += k[mm2] * cache_host * rates.cache_op
                         if prefill:   # the prompt's K/V stored to their tiers, attention on the device
                             dev_a = 2 * 2 * g[mm2] * tokens * tokens / 2 * info.num_heads * hd / flops
                             st = el * tokens * rb
@@ -520,11 +530,20 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
             # its own cache. Pairing a stage's compute with its own weights instead over-counts
             # models whose stages alternate between bound by host work (attention) and bound by
             # transfers (the MLP): N2, LLaMA-3-8B weights on CPU, 16 x 8.
+            # Activations kept off the device come back host-to-device on the compute stream,
+            # behind whatever the load stream has in flight on the same copy engine: compute then
+            # waits for the stage's loads instead of overlapping them. Measured: N3 (cache and
+            # activations on the CPU) and N6 (weights and activations on the CPU) exceed the
+            # overlapped sum by about their compute time; N9 (activations on the CPU, nothing
+            # loaded) does not (benchmarks/RESULTS.md, session 4).
+            serial = act_off[m]
             for ri, r in enumerate(rows):
                 w_h2d, w_disk, h2d, d2h, disk, compute = parts[ri]
                 if grid.overlap:
                     nw_h2d, nw_disk = parts[succ[ri]][:2]
-                    t = np.maximum.reduce([nw_h2d + h2d, d2h, nw_disk + disk, compute])
+                    loads = nw_h2d + h2d
+                    t = np.maximum.reduce([np.where(serial, loads + compute, np.maximum(loads, compute)), d2h,
+                                           nw_disk + disk])
                 else:
                     t = w_h2d + h2d + d2h + w_disk + disk + compute
                 total[m] += r["n"] * t

@@ -93,6 +93,39 @@ def count_layer_ops(layers, seq: int = 1) -> tuple[list[int | None], int]:
     return steady, once
 
 
+def count_compressed_cache_ops_before(kv_heads: int, head_dim: int, config) -> dict:
+    """count_compressed_cache_ops for the engine before its fused write (runs recorded until
+    2026-12-02): each segment quantised K and V apart (the plain sequence, compression.
+    _compress_reference, on a slice of the rows) and each read unpacked the past rows, then
+    concatenated the new row. For checking the model against those runs only."""
+    import dataclasses
+
+    from ..memory.compression import Packed, _compress_reference, decompress, packed_shapes
+    cfg = dataclasses.replace(config, group_dim=3)
+    row = torch.empty((1, _B, kv_heads, head_dim), dtype=torch.float16, device="meta")
+    shapes = [s for s in packed_shapes((_PAST + 1, _B, kv_heads, head_dim), cfg) if s is not None]
+    stores = [torch.empty(s, dtype=torch.uint8 if i == 0 else torch.float16, device="meta")
+              for i, s in enumerate(shapes)]
+    mode = _Counter()
+    with mode:
+        for _ in range(2):
+            parts = _compress_reference(row[:, :, 0:kv_heads], cfg).parts()
+            for st, t in zip(stores, parts):
+                st[_PAST:_PAST + 1].copy_(t)
+    write_segment = mode.n
+    mode = _Counter()
+    with mode:
+        for _ in range(2):
+            views = [st[:_PAST] for st in stores]
+            p = Packed(views[0], views[1], views[2] if len(views) == 3 else None,
+                       (_PAST, _B, kv_heads, head_dim), cfg)
+            past = decompress(p, torch.float16)
+            torch.cat([past, row.to(past.device, past.dtype)], dim=0)
+    unpack = mode.n
+    unpack_fused = 2 * (len(stores) + 1 + 1 + 1)   # views, output, launch, the concatenation
+    return {"write": 0, "write_segment": write_segment, "unpack": unpack, "unpack_fused": unpack_fused}
+
+
 def count_compressed_cache_ops(kv_heads: int, head_dim: int, config) -> dict:
     """Host operations of a compressed cache per layer and GPU batch of a decode step: `write`,
     quantising the new K/V rows (one call, K and V stacked; engine/kv_cache.new_rows);
