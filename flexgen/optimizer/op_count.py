@@ -23,20 +23,63 @@ _B, _PAST = 2, 8     # the count does not depend on sizes; small ones keep shape
 
 
 class _Counter(TorchDispatchMode):
+    active = []   # the counters in use, innermost last
+
     def __init__(self):
         super().__init__()
         self.n = 0
+        self.paused = False
+
+    def __enter__(self):
+        _Counter.active.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _Counter.active.pop()
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
+        if not self.paused:
+            self.n += 1
         return func(*args, **(kwargs or {}))
 
 
-def _meta_weights(layer):
-    return {w.key: torch.empty(w.shape, dtype=torch.float16, device="meta") for w in layer.weights}
+_PREFILL_CORE = {}
 
 
-def _attend_like_the_engine(seq: int):
+def _prefill_core_on_cpu(q, k, v, scale, window):
+    """The attention core of a prefill on meta tensors, counted as a real backend issues it: on
+    meta, scaled_dot_product_attention decomposes into its math (~25 operations) where CPU and
+    CUDA run one fused kernel. The count comes from the same call on small CPU tensors of the
+    same shapes (memoised), the result is a meta tensor; nothing of it is counted twice."""
+    from ..engine.attention import attend as core
+    outer = _Counter.active[-1] if _Counter.active else None
+    if outer is not None:
+        outer.paused = True
+    try:
+        key = (tuple(q.shape), tuple(k.shape), q.dtype, window)
+        if key not in _PREFILL_CORE:
+            qc, kc, vc = (torch.zeros(x.shape, dtype=x.dtype) for x in (q, k, v))
+            valid = torch.ones(k.shape[:2], dtype=torch.bool)
+            inner = _Counter()
+            with inner:
+                core(qc, kc, vc, valid, scale, window=window)
+            _PREFILL_CORE[key] = inner.n
+        out = core(q, k, v, torch.ones(k.shape[:2], dtype=torch.bool, device="meta"), scale, window=window)
+    finally:
+        if outer is not None:
+            outer.paused = False
+    if outer is not None:
+        outer.n += _PREFILL_CORE[key]
+    return out
+
+
+def _weights(layer, device, dtype):
+    return {w.key: torch.randn(w.shape, dtype=dtype, device=device) * 0.02 if device != "meta"
+            else torch.empty(w.shape, dtype=dtype, device=device) for w in layer.weights}
+
+
+def _attend_like_the_engine(seq: int, device="meta"):
     """ctx.attend for counting: the engine's uncompressed resident path (two row writes, then the
     attention core over past + new positions)."""
     from ..engine.attention import attend as core
@@ -44,10 +87,12 @@ def _attend_like_the_engine(seq: int):
     def attend(q, k, v, scale, window=None):
         b, s, kv, d = k.shape
         total = _PAST + s if s == 1 else s
-        store = [torch.empty((total, b, kv, d), dtype=k.dtype, device="meta") for _ in range(2)]
+        store = [torch.zeros((total, b, kv, d), dtype=k.dtype, device=device) for _ in range(2)]
         store[0][total - s:].copy_(k.transpose(0, 1))
         store[1][total - s:].copy_(v.transpose(0, 1))
-        valid = torch.ones((b, total), dtype=torch.bool, device="meta")
+        if s > 1 and device == "meta":
+            return _prefill_core_on_cpu(q, k, v, scale, window)
+        valid = torch.ones((b, total), dtype=torch.bool, device=device)
         if s > 1:
             return core(q, k, v, valid, scale, window=window)
         ks, vs = (x.permute(1, 0, 2, 3) for x in store)
@@ -55,26 +100,30 @@ def _attend_like_the_engine(seq: int):
     return attend
 
 
-def count_layer_ops(layers, seq: int = 1) -> tuple[list[int | None], int]:
+def count_layer_ops(layers, seq: int = 1, device="meta", dtype=torch.float16) -> tuple[list[int | None], int]:
     """(per layer, once per step): aten operations of one forward of each layer in `layers` for
     one GPU batch at `seq` new positions (1: a decode step), and the operations a step issues once
     for all its layers (values a family computes in the first layer and keeps in the shared step
-    context, like rotary angles). The layers run in order twice with one shared context, as the
-    engine runs them: the second pass is the per-layer count, the difference the once-per-step
-    one. None for a layer whose forward cannot run on meta tensors (data-dependent control flow,
-    e.g. a mixture of experts' routing)."""
-    ctx = StepContext(input_ids=torch.zeros((_B, seq), dtype=torch.long, device="meta"),
-                      positions=torch.zeros((_B, seq), dtype=torch.long, device="meta"),
-                      attend=_attend_like_the_engine(seq))
+    context, like rotary angles). The layers run in order as the engine runs them: once to warm
+    what a family keeps across steps, then twice with one shared context: the last pass is the
+    per-layer count, its difference to the one before the once-per-step count. None for a layer whose forward cannot run on meta tensors (data-dependent control flow,
+    e.g. a mixture of experts' routing). device / dtype: where the tensors live (meta: no
+    memory, no compute; a real device gives the same count, tests check it)."""
+    def new_ctx():
+        return StepContext(input_ids=torch.zeros((_B, seq), dtype=torch.long, device=device),
+                           positions=torch.arange(seq, device=device).repeat(_B, 1),
+                           attend=_attend_like_the_engine(seq, device))
     passes = []
-    for _ in range(2):
+    # a first step fills what a family keeps across steps (tables moved to the device once), then
+    # a step's first pass (with its once-per-step values) and a second pass in the same context
+    for ctx in (new_ctx(),) + (new_ctx(),) * 2:
         counts, hidden = [], None
         for layer in layers:
-            w = _meta_weights(layer)
+            w = _weights(layer, device, dtype)
             h = hidden
             if layer.kind != "embed" and h is None:
                 width = next((x.shape[-1] for x in layer.weights if len(x.shape) == 2), 1)
-                h = torch.empty((_B, seq, width), dtype=torch.float16, device="meta")
+                h = torch.zeros((_B, seq, width), dtype=dtype, device=device)
             if layer.kind == "head" and h is not None:
                 h = h[:, -1:]
             mode = _Counter()
@@ -88,7 +137,7 @@ def count_layer_ops(layers, seq: int = 1) -> tuple[list[int | None], int]:
             if layer.kind != "head" and isinstance(out, torch.Tensor):
                 hidden = out
         passes.append(counts)
-    first, steady = passes
+    _, first, steady = passes
     once = sum(a - b for a, b in zip(first, steady) if a is not None and b is not None)
     return steady, once
 
