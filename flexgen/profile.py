@@ -428,7 +428,8 @@ def main(argv=None) -> int:
         print("gpu: none (CPU-only profile)")
     t = str(c["threads"][-1])
     if g and g.get("host_op_s"):
-        print(f"gpu host cost per operation {g['host_op_s'] * 1e6:.1f} us (decode steps of tiny models)")
+        print(f"gpu host cost per operation {g['host_op_s'] * 1e6:.1f} us (decode steps of tiny models), "
+              f"{g.get('cache_op_s', 0) * 1e6:.1f} us on the compressed cache's paths")
     print(f"cpu {c['cores']} cores: matmul {c['matmul_gflops'][t]:.0f} GFLOP/s, attention "
           f"{c['attention_gib_s'][t]:.1f} GiB/s of cache at {t} threads "
           f"({c['packed_attention_gelem_s'][t]:.1f} G values/s packed 4-bit)")

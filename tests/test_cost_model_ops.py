@@ -200,3 +200,15 @@ def test_profile_measures_host_cost_per_operation_on_the_cpu():
     assert set(out["host_op_s_by_probe"]) == {"opt", "llama"}
     assert 0 < out["host_op_s"] < 1e-3
     assert torch.get_num_threads() >= 1
+
+
+def test_search_forwards_the_graph_hook():
+    from flexgen.optimizer.memory_model import MachineMemory
+    from flexgen.optimizer.search import choose_policy
+    fam = _family("facebook/opt-6.7b")
+    limits = MachineMemory(gpu=80 << 30, host=100 << 30, disk=100 << 30)
+    eager = choose_policy(fam, 512, 32, limits, copy.deepcopy(DEFAULT_PROFILE), gpu_batch_size=8, num_gpu_batches=1)
+    graph = choose_policy(fam, 512, 32, limits, copy.deepcopy(DEFAULT_PROFILE), gpu_batch_size=8, num_gpu_batches=1,
+                          graph_op_s=1e-6)
+    assert cm.graph_eligible(Grid.of_policy(graph.policy)).tolist() == [True]
+    assert graph.prediction.decode_step_s < eager.prediction.decode_step_s
