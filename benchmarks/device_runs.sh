@@ -16,7 +16,10 @@
 #   cap12       issue 12 under a hard 24 GiB GPU cap (--gpu-mem, no PYTORCH_CUDA_ALLOC_CONF given): P3 and a
 #               LLaMA-3-70B-shaped model with --percent auto, to the end; then a forced policy that cannot
 #               fit (must end with one `error: out of GPU memory` line, exit 2)
-#   validate12  issue 12's fresh validation set N1-N11 (decode projected from 6 steps)
+#   validate12  issue 12's fresh validation set N1-N11 (decode projected from 6 steps as FlexGen does;
+#               per-step latencies printed), then benchmarks/check_cost_model.py over it (and cap12's runs)
+#   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
+#               time) and the compression tests on the GPU
 # At most 8 files come back from $OUT: each part writes one; run logs stay in /tmp/benchlogs.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -81,8 +84,19 @@ for part in "$@"; do
       env -u PYTORCH_CUDA_ALLOC_CONF python3 benchmarks/bench.py P3 L3A --timeout 420 --out /tmp/benchlogs \
         > "$OUT/cap12.txt" 2>&1; show "$OUT/cap12.txt"; grep -E "reserved" "$OUT/cap12.txt"; tail -3 "$OUT/cap12.txt" ;;
     validate12)
-      bench N1 N2 N3 N4 N10 N5 N9 N6 N11 --timeout 120 --extra "--cut-gen-len 6" > "$OUT/validate12.txt" 2>&1
-      show "$OUT/validate12.txt" | grep -v "host memory held"; tail -12 "$OUT/validate12.txt" ;;
+      bench N1 N2 N3 N4 N10 N5 N9 N6 N11 --timeout 120 --extra "--cut-gen-len 6 --debug-mode breakdown" \
+        > "$OUT/validate12.txt" 2>&1
+      show "$OUT/validate12.txt" | grep -v "host memory held"; grep "per-step latency" "$OUT/validate12.txt"
+      tail -12 "$OUT/validate12.txt"
+      # the current model re-predicting every run from this call's profile (P3 and L3A when cap12 ran too)
+      cat "$OUT/validate12.txt" $( [ -f "$OUT/cap12.txt" ] && echo "$OUT/cap12.txt" ) > /tmp/benchlogs/all12.txt
+      python3 benchmarks/check_cost_model.py /tmp/benchlogs/all12.txt "$OUT/profile.json" ;;
+    cache12)
+      # the fused compressed-cache write against the per-segment one it replaced: identical bytes, host time
+      { python3 benchmarks/cache_write_bench.py --percents 50 50 0
+        python3 benchmarks/cache_write_bench.py --percents 100 0 0
+        FLEXGEN_TEST_DEVICE=cuda python3 -m pytest -q -x tests/test_cache_writes.py tests/test_compression.py \
+          tests/test_triton_dequant.py 2>&1 | tail -3; } > "$OUT/cache12.txt" 2>&1; cat "$OUT/cache12.txt" ;;
     *) echo "unknown part: $part" ;;
   esac
 done

@@ -370,7 +370,7 @@ def run(args, lm_class, log_prefix: str):
         steps = t["decode"]
         projected = bool(cut_gen_len and cut_gen_len < gen_len)
         if projected and steps:
-            decode_latency = sum(steps) / len(steps) * (gen_len - 1)
+            decode_latency = project_decode_latency(steps, gen_len)
         else:
             decode_latency = sum(steps)
         decode_throughput = num_prompts * (gen_len - 1) / max(decode_latency, 1e-10)
@@ -415,6 +415,18 @@ def run(args, lm_class, log_prefix: str):
         if model is not None:
             model.close()
         env.close_copy_threads()  # also removes this run's offload files
+
+
+def project_decode_latency(steps, gen_len: int, warmup: int = 2) -> float:
+    """FlexGen's projection of a run cut short by --cut-gen-len (its utils.project_decode_latency):
+    the first `warmup` decode steps as measured, the remaining gen_len - 1 - warmup at the mean of
+    the later ones. The first decode step of a process loads the decode kernels and meets new
+    shapes (the warm-up generates one token, no decode step): scaling it by gen_len - 1 with the
+    others would project that one-time cost onto every step."""
+    if len(steps) <= warmup:
+        return sum(steps) / len(steps) * (gen_len - 1)
+    rest = steps[warmup:]
+    return sum(steps[:warmup]) + sum(rest) / len(rest) * (gen_len - 1 - warmup)
 
 
 @contextlib.contextmanager

@@ -7,8 +7,11 @@ What is measured (every rate is what the cost model in flexgen/optimizer/cost_mo
   bandwidth (a device-to-device copy); fp16 matmul rate at a few shapes (a decode-like skinny one,
   a prefill-like square one); the dequantisation rate of flexgen.memory.compression on the GPU.
 - cpu: matmul (fp32) and decode-attention rates by thread count (1, 2, 4, ... up to the cores,
-  capped at 32), over an fp16 cache and over the same cache packed 4-bit; memory bandwidth (a
-  copy), dequantisation rate.
+  capped at 32), over an fp16 cache (read by one and by four query heads per KV head) and over the
+  same cache packed 4-bit; memory bandwidth (a copy), dequantisation rate.
+- host cost per operation (`host_op_s`, on the GPU and on the CPU): decode steps of tiny models
+  through the engine over their counted aten operations (absent in older profiles: the cost model
+  then uses its reference figure).
 - disk: read and write bandwidth of a temporary file in the offload directory, bypassing the page
   cache (O_DIRECT where the OS allows it, else fsync + posix_fadvise(DONTNEED) before reading).
 
@@ -160,8 +163,10 @@ def profile_cpu(quick: bool) -> dict:
     cache_bytes = 2 * kc.numel() * kc.element_size()
     past = row_chunks(kc, vc)   # as the engine passes it: the store's whole capacity, the last row unwritten
 
-    def attention(over=past):
-        cpu_decode_attention(q, over, S - 1, kc[S - 1:], vc[S - 1:], invalid, d ** -0.5)
+    def attention(over=past, query=q):
+        cpu_decode_attention(query, over, S - 1, kc[S - 1:], vc[S - 1:], invalid, d ** -0.5)
+    # the same cache read by 4 query heads per KV head (grouped-query attention, LLaMA-3's ratio)
+    q4 = torch.randn(bsz, 1, 4 * heads, d)
     # the same cache packed 4-bit as --compress-cache stores it (groups along the head dim), read
     # by the kernel the engine picks on this machine (packed_chunks' default: the native folded
     # kernel where it builds, else its PyTorch version), cut to the written rows as the engine does
@@ -172,7 +177,8 @@ def profile_cpu(quick: bool) -> dict:
     w = torch.randn(1024, 1024 if quick else 4096)
     packed = compress(w, CompressionConfig(num_bits=4, group_size=64, group_dim=0))
     out = {"cores": cores, "threads": threads, "matmul_gflops": {}, "attention_gib_s": {},
-           "packed_attention_gelem_s": {}, "packed_attention_kernel": packed_past.kernel, "dequant_gelem_s": {}}
+           "attention_rep4_gib_s": {}, "packed_attention_gelem_s": {}, "packed_attention_kernel": packed_past.kernel,
+           "dequant_gelem_s": {}}
     try:
         for t in threads:
             torch.set_num_threads(t)
@@ -180,6 +186,8 @@ def profile_cpu(quick: bool) -> dict:
             out["matmul_gflops"][str(t)] = 2 * n ** 3 / sec / 1e9
             sec = _timeit(attention, reps, budget_s=budget)
             out["attention_gib_s"][str(t)] = cache_bytes / sec / GiB
+            sec = _timeit(lambda: attention(query=q4), reps, budget_s=budget)
+            out["attention_rep4_gib_s"][str(t)] = cache_bytes / sec / GiB
             sec = _timeit(lambda: attention(packed_past), reps, budget_s=budget)
             out["packed_attention_gelem_s"][str(t)] = 2 * kc[:S - 1].numel() / sec / 1e9   # K and V values
             sec = _timeit(lambda: decompress(packed, torch.float32), reps, budget_s=budget)
@@ -195,7 +203,93 @@ def profile_cpu(quick: bool) -> dict:
         out["fresh_write_gib_s"] = big.numel() / sec / GiB
     finally:
         torch.set_num_threads(old)
+    out.update(_host_op_or_none("cpu", quick))
     return out
+
+
+# ------------------------------------------------------------------------------- host per op
+def profile_host_op(device: str, quick: bool) -> dict:
+    """Host seconds per aten operation of a decode step: tiny OPT- and LLaMA-shaped models (a
+    few layers, dummy weights, everything on `device`) generate through the engine, where a step
+    is all host work (dispatch, launches and the schedule's Python around them); the best decode
+    step over the operations the cost model counts for it (optimizer/op_count.py). The result is
+    a per-op figure of this machine, not of the probe families: the cost model multiplies it by
+    each real model's own count."""
+    import statistics
+    import numpy as np
+    from .engine.generate import LM
+    from .env import ExecutionEnv
+    from .models.llama import LlamaConfig
+    from .models.opt import OptConfig
+    from .optimizer.cost_model import _layer_types, host_ops
+    from .policy import Policy
+
+    probes = {"opt": OptConfig(name="probe-opt", num_hidden_layers=4, hidden_size=256, n_head=4, input_dim=256,
+                               ffn_embed_dim=1024, vocab_size=512, max_seq_len=256),
+              "llama": LlamaConfig(name="probe-llama", num_hidden_layers=4, hidden_size=256, n_head=4,
+                                   num_key_value_heads=2, intermediate_size=1024, vocab_size=512, max_seq_len=256)}
+    steps = 8 if quick else 24
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = ExecutionEnv(device, tmp)
+        try:
+            for name, cfg in probes.items():
+                lm_class = type(f"Probe{name}", (LM,), {"family_name": name})
+                lm = lm_class(cfg, env, "_DUMMY_", Policy(4, 1, 100, 0, 100, 0, 100, 0), progress=False)
+                try:
+                    ids = np.random.default_rng(0).integers(3, 500, size=(4, 16))
+                    lm.generate(ids, max_new_tokens=3)   # warm: kernels loaded, shapes seen
+                    lm.generate(ids, max_new_tokens=steps)
+                    step = min(lm.timings["decode"])   # best of, as every rate of the profile
+                    fam = lm.family
+                    ops = host_ops(fam)
+                    per_step = sum(n * c for (n, _), c in zip(_layer_types(fam), ops["decode"])) + ops["decode_once"]
+                    out[name] = step / per_step
+                finally:
+                    lm.close()
+        finally:
+            env.close_copy_threads()
+        cache_op = _cache_op_s(env, steps)
+    return {"host_op_s": statistics.mean(out.values()), "host_op_s_by_probe": out, "cache_op_s": cache_op}
+
+
+def _cache_op_s(env, reps: int) -> float:
+    """Host seconds per operation of the compressed KV cache's paths, as a decode step runs them
+    for one layer and GPU batch: quantise the new rows and write them into a cache split over the
+    device and host memory, then unpack the resident segment for attention; over the operations
+    the cost model counts for them (optimizer/op_count.count_compressed_cache_ops)."""
+    import time as _time
+    import torch
+    from .engine.kv_cache import LayerCache
+    from .optimizer.op_count import count_compressed_cache_ops
+    from .policy import CompressionConfig
+    cfg = CompressionConfig(4, 64, 2, False)
+    b, heads, d, n = 4, 4, 128, 16
+    cache = LayerCache(env, n + 1, b, heads, d, env.compute_dtype, (50, 50, 0), "probe", False, cfg)
+    try:
+        k = torch.zeros((1, b, heads, d), dtype=env.compute_dtype, device=env.device)
+        seg = next(i for i, r in enumerate(cache.resident) if r)
+        lo, hi = cache.ranges[seg]
+
+        def one():
+            rows = cache.new_rows(k, k)
+            cache.write_resident(rows, n)
+            cache.store_rest(rows, n)
+            cache.past_and_new(seg, n, k[:, :, lo:hi], k[:, :, lo:hi])
+        for _ in range(3):
+            one()
+        env.synchronize()
+        t = _time.perf_counter()
+        for _ in range(reps * 4):
+            one()
+        env.synchronize()
+        per_call = (_time.perf_counter() - t) / (reps * 4)
+    finally:
+        cache.close()
+    ops = count_compressed_cache_ops(heads, d, cfg)
+    segs = len(cache.ranges)
+    unpack = ops["unpack_fused"] if env.is_cuda else ops["unpack"]
+    return per_call / (ops["write"] + segs * ops["write_segment"] + unpack)
 
 
 # --------------------------------------------------------------------------------------- disk
@@ -278,7 +372,18 @@ def profile_gpu(quick: bool) -> dict | None:
     w = torch.randn(4096, 4096 if quick else 16384, device=dev, dtype=torch.float16)
     packed = compress(w, CompressionConfig(num_bits=4, group_size=64, group_dim=0))
     out["dequant_gelem_s"] = w.numel() / _timeit(lambda: decompress(packed, torch.float16), reps, sync, budget) / 1e9
+    out.update(_host_op_or_none("cuda", quick))
     return out
+
+
+def _host_op_or_none(device, quick) -> dict:
+    """profile_host_op, or nothing (the cost model's reference figure stands in) if the probe
+    cannot run here: a profile must not fail on it."""
+    try:
+        return profile_host_op(device, quick)
+    except Exception as e:   # noqa: BLE001 - reported, not fatal
+        print(f"warning: host cost per operation not measured ({type(e).__name__}: {e})", file=sys.stderr)
+        return {}
 
 
 def run_profile(offload_dir: str | None = None, quick: bool = False) -> dict:
@@ -326,6 +431,9 @@ def main(argv=None) -> int:
     else:
         print("gpu: none (CPU-only profile)")
     t = str(c["threads"][-1])
+    if g and g.get("host_op_s"):
+        print(f"gpu host cost per operation {g['host_op_s'] * 1e6:.1f} us (decode steps of tiny models), "
+              f"{g.get('cache_op_s', 0) * 1e6:.1f} us on the compressed cache's paths")
     print(f"cpu {c['cores']} cores: matmul {c['matmul_gflops'][t]:.0f} GFLOP/s, attention "
           f"{c['attention_gib_s'][t]:.1f} GiB/s of cache at {t} threads "
           f"({c['packed_attention_gelem_s'][t]:.1f} G values/s packed 4-bit, {c.get('packed_attention_kernel', 'unpack')} "

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..memory.placement import PackedBuffer, TieredBuffer
+import torch
+
+from ..memory.placement import Deferred, PackedBuffer, TieredBuffer
 
 
 class LayerCache:
@@ -64,19 +66,53 @@ class LayerCache:
     def resident_rows(self, i: int, rows: int, start: int = 0):
         return self.k.view_rows(i, rows, start), self.v.view_rows(i, rows, start)
 
-    def write_resident(self, k_rows, v_rows, start):
-        """Write new rows (s, b, kv_heads, d) into the resident segments, in place."""
+    def new_rows(self, k_rows, v_rows) -> "NewRows":
+        """The new rows (s, b, kv_heads, d) as the cache stores them. Compressed: K and V quantised
+        together by one call over all heads. Groups run along the head dim, inside one head, so
+        each segment's slice of the result is byte for byte what quantising its heads alone gives
+        (this was four calls per layer and GPU batch, ~15 small kernels each)."""
+        if not self.compressed:
+            return NewRows(k_rows, v_rows)
+        from ..memory.compression import compress
+        stacked_cfg = dataclasses.replace(self.k.config, group_dim=4)   # the head dim, behind the new K/V dim
+        parts = compress(torch.stack([k_rows, v_rows]), stacked_cfg).parts()
+        return NewRows([t[0] for t in parts], [t[1] for t in parts])
+
+    def write_resident(self, rows: "NewRows", start):
+        """Write new rows into the resident segments, in place."""
         for i, (a, b) in enumerate(self.ranges):
             if self.resident[i]:
-                self.k.write_rows(i, k_rows[:, :, a:b], start, non_blocking=False)
-                self.v.write_rows(i, v_rows[:, :, a:b], start, non_blocking=False)
+                self._write(i, rows, a, b, start, non_blocking=False)
 
-    def store_rest(self, k_rows, v_rows, start):
+    def store_rest(self, rows: "NewRows", start):
         """Write new rows into the non-resident segments (behind compute)."""
         for i, (a, b) in enumerate(self.ranges):
             if not self.resident[i]:
-                self.k.write_rows(i, k_rows[:, :, a:b], start)
-                self.v.write_rows(i, v_rows[:, :, a:b], start)
+                self._write(i, rows, a, b, start, non_blocking=True)
+
+    def _write(self, i, rows, a, b, start, non_blocking):
+        if self.compressed:
+            self.k.write_parts(i, [t[:, :, a:b] for t in rows.k], start, non_blocking)
+            self.v.write_parts(i, [t[:, :, a:b] for t in rows.v], start, non_blocking)
+        else:
+            self.k.write_rows(i, rows.k[:, :, a:b], start, non_blocking=non_blocking)
+            self.v.write_rows(i, rows.v[:, :, a:b], start, non_blocking=non_blocking)
+
+    def past_and_new(self, i: int, rows: int, k_new, v_new, loaded=None):
+        """(K, V) for attention over segment i: its first `rows` positions (resident ones read in
+        place; `loaded`: the segment's load) followed by the new rows k_new, v_new (s, b, heads of
+        the segment, d) at full precision. Packed rows are unpacked straight into a buffer that
+        has room for the new rows, not unpacked and then concatenated (a second full copy)."""
+        if loaded is None:
+            loaded = (self.k.view_rows(i, rows, defer=True), self.v.view_rows(i, rows, defer=True))
+        out = []
+        for past, new in zip(loaded, (k_new, v_new)):
+            if isinstance(past, Deferred):
+                out.append(past.value_with(new))
+            else:
+                out.append(torch.cat([past, new.to(past.device, past.dtype)], dim=0))
+        return tuple(out)
+
     @property
     def needs_store(self) -> bool:
         return not all(self.resident)
@@ -92,3 +128,17 @@ class LayerCache:
         (first touches of fresh pages are slow; see env.py)."""
         self.k.close(recycle)
         self.v.close(recycle)
+
+
+class NewRows:
+    """A step's new K/V rows as a cache stores them: two tensors (s, b, kv_heads, d), or when the
+    cache is compressed, the packed parts (data, scale[, min]) of K and of V."""
+
+    def __init__(self, k, v):
+        self.k, self.v = k, v
+
+    def tensors(self) -> list:
+        """Every tensor a store of these rows reads (kept alive for the copy stream)."""
+        if isinstance(self.k, torch.Tensor):
+            return [self.k, self.v]
+        return list(self.k) + list(self.v)

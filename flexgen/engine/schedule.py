@@ -290,10 +290,11 @@ class BlockRunner:
             are masked like padding, wherever the cache is)."""
             k_rows = k_new.transpose(0, 1)   # (s, b, kv_heads, d): the cache layout (written by copy)
             v_rows = v_new.transpose(0, 1)
-            cache.write_resident(k_rows, v_rows, step.start)
+            rows = cache.new_rows(k_rows, v_rows)   # compressed: K and V quantised by one call
+            cache.write_resident(rows, step.start)
             if cache.needs_store:
-                pending_cache[(li, k)] = self.io.store(lambda: cache.store_rest(k_rows, v_rows, step.start),
-                                                       cache.stores_to_disk, (k_rows, v_rows))
+                pending_cache[(li, k)] = self.io.store(lambda: cache.store_rest(rows, step.start),
+                                                       cache.stores_to_disk, rows.tensors())
             if step.i == 0:
                 return attention_core(q, k_new, v_new, valid, scale, sparsity, window=window)
             seen, unseen = valid, invalid
@@ -310,14 +311,9 @@ class BlockRunner:
                     continue
                 if cache.resident[seg] and not cache.compressed:  # new row already written in place
                     ks, vs = cache.resident_rows(seg, step.cur)
-                elif cache.resident[seg]:  # past rows unpacked; the new row at full precision
-                    pk, pv = cache.resident_rows(seg, step.start)
-                    ks = torch.cat([pk, k_rows[:, :, a:b].to(pk.device, pk.dtype)], dim=0)
-                    vs = torch.cat([pv, v_rows[:, :, a:b].to(pv.device, pv.dtype)], dim=0)
-                else:
-                    pk, pv = (unpacked(x) for x in loaded[seg])
-                    ks = torch.cat([pk, k_rows[:, :, a:b].to(pk.device)], dim=0)
-                    vs = torch.cat([pv, v_rows[:, :, a:b].to(pv.device)], dim=0)
+                else:  # past rows (unpacked into a buffer with room), the new row at full precision
+                    ks, vs = cache.past_and_new(seg, step.start, k_rows[:, :, a:b], v_rows[:, :, a:b],
+                                                None if cache.resident[seg] else loaded[seg])
                 dev = ks.device
                 if dev != q.device:  # top-k sparse attention next to the cache, float32 on the CPU
                     o = attention_core(qs.to(dev, torch.float32), ks.permute(1, 0, 2, 3).float(),

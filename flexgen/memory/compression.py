@@ -66,7 +66,40 @@ def _grouped(x: torch.Tensor, cfg: CompressionConfig):
 
 
 def compress(x: torch.Tensor, cfg: CompressionConfig) -> Packed:
-    """Quantise x (any float dtype) on its own device."""
+    """Quantise x (any float dtype) on its own device.
+
+    Few kernels, because the KV cache quantises its new rows at every layer of every decode step
+    (host time per launch, not bandwidth, is what that costs): one min/max pass, in-place
+    arithmetic, and the two 4-bit values of a byte packed by one add. The bytes are exactly those
+    of the plain sequence (`_compress_reference`): min and max of float16/bfloat16/float32 values
+    are exact in any of them, and the stored fp16 scale and minimum are the rounded values the
+    quantisation used (a scale clamped to 1e-8 is 0 in fp16 either way)."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        x = x.float()   # min/max after the cast, as the reference takes them
+    g = _grouped(x, cfg)
+    levels = (1 << cfg.num_bits) - 1
+    if cfg.symmetric:
+        half = 1 << (cfg.num_bits - 1)
+        s16 = g.abs().amax(-1, keepdim=True).float().div_(half - 1).to(torch.float16)
+        scale = s16.float().clamp_min_(1e-8)
+        q = torch.div(g, scale).round_().add_(half).clamp_(0, levels)   # a new float32 tensor: g may view x
+        m16 = None
+    else:
+        lo, hi = torch.aminmax(g, dim=-1, keepdim=True)
+        m16 = lo.to(torch.float16)
+        mn = m16.float()
+        s16 = hi.float().sub_(mn).div_(levels).to(torch.float16)
+        scale = s16.float().clamp_min_(1e-8)
+        q = torch.sub(g, mn).div_(scale).round_().clamp_(0, levels)   # float32 (g promoted)
+    if cfg.num_bits == 4:   # low nibble first; q holds whole numbers 0..15, so the sum is exact
+        q = q[..., 0::2].add(q[..., 1::2], alpha=16)
+    # contiguous: elementwise results keep the layout of a grouped view (groups along dim 0)
+    return Packed(q.to(torch.uint8).contiguous(), s16.contiguous(), None if m16 is None else m16.contiguous(),
+                  tuple(x.shape), cfg)
+
+
+def _compress_reference(x: torch.Tensor, cfg: CompressionConfig) -> Packed:
+    """The plain quantisation sequence that compress() must match byte for byte (tests)."""
     g = _grouped(x.float(), cfg)
     levels = (1 << cfg.num_bits) - 1
     if cfg.symmetric:
@@ -86,18 +119,25 @@ def compress(x: torch.Tensor, cfg: CompressionConfig) -> Packed:
                   tuple(x.shape), cfg)
 
 
-def decompress(p: Packed, dtype=None, shape=None) -> torch.Tensor:
+def decompress(p: Packed, dtype=None, shape=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The values back, in `dtype`, on the device of p.data. `shape` overrides the leading dims
-    (a row slice of a packed KV cache). Weight matrices on the GPU go through one fused kernel."""
+    (a row slice of a packed KV cache). Weight matrices on the GPU go through one fused kernel.
+    out: a contiguous tensor of that shape and dtype to unpack into (the first rows of a buffer
+    that has room for more: the KV cache's new rows follow without a second copy); returned."""
     from . import triton_dequant
     dtype = dtype or torch.float16
     shape = tuple(p.shape if shape is None else shape)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"decompress out= must be a contiguous {dtype} tensor of shape {shape}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
     if triton_dequant.usable(p, shape):
-        return triton_dequant.unpack(p, dtype, shape, _decompress_torch)
+        return triton_dequant.unpack(p, dtype, shape, _decompress_torch, out)
     flat = _as_matrix(p, shape)   # a KV cache (groups along its last dim) is a matrix of rows
     if flat is not None and triton_dequant.usable(*flat):
-        return triton_dequant.unpack(flat[0], dtype, flat[1], _decompress_torch).view(shape)
-    return _decompress_torch(p, dtype, shape)
+        res = triton_dequant.unpack(flat[0], dtype, flat[1], _decompress_torch,
+                                    None if out is None else out.view(flat[1]))
+        return res.view(shape) if out is None else out
+    return _decompress_torch(p, dtype, shape, out)
 
 
 def _as_matrix(p: Packed, shape):
@@ -114,7 +154,7 @@ def _as_matrix(p: Packed, shape):
     return m, (rows, shape[-1])
 
 
-def _decompress_torch(p: Packed, dtype, shape) -> torch.Tensor:
+def _decompress_torch(p: Packed, dtype, shape, out: torch.Tensor | None = None) -> torch.Tensor:
     cfg = p.config
     q = p.data
     if cfg.num_bits == 4:
@@ -126,5 +166,5 @@ def _decompress_torch(p: Packed, dtype, shape) -> torch.Tensor:
         x = q.float() * scale + p.mn.float()
     dim = cfg.group_dim % len(shape)
     moved = [s for i, s in enumerate(shape) if i != dim] + [shape[dim]]
-    x = x.reshape(*x.shape[:-2], -1)[..., :shape[dim]].reshape(moved)
-    return x.movedim(-1, dim).to(dtype)
+    x = x.reshape(*x.shape[:-2], -1)[..., :shape[dim]].reshape(moved).movedim(-1, dim)
+    return x.to(dtype) if out is None else out.copy_(x)   # copy_ rounds as .to does

@@ -219,13 +219,20 @@ class PackedBuffer:
         shape = [rows] + self._seg_shapes[i][1:]
         return self._unpack([p.read_rows(i, rows, to_compute) for p in self.parts], shape, defer)
 
-    def view_rows(self, i: int, rows: int, start: int = 0) -> torch.Tensor:
+    def view_rows(self, i: int, rows: int, start: int = 0, defer: bool = False):
+        """Rows [start, rows) of a segment held in memory, unpacked (with defer: the packed views,
+        to unpack with Deferred.value, e.g. into a buffer with room for more rows)."""
         shape = [rows - start] + self._seg_shapes[i][1:]
-        return self._unpack([p.view_rows(i, rows, start) for p in self.parts], shape)
+        return self._unpack([p.view_rows(i, rows, start) for p in self.parts], shape, defer)
 
     def write_rows(self, i: int, x: torch.Tensor, start: int, non_blocking: bool = True):
         from .compression import compress
-        for part, t in zip(self.parts, compress(x, self.config).parts()):
+        self.write_parts(i, compress(x, self.config).parts(), start, non_blocking)
+
+    def write_parts(self, i: int, parts, start: int, non_blocking: bool = True):
+        """Rows already quantised with this buffer's config (data, scale[, min] of segment i's
+        heads), written into place."""
+        for part, t in zip(self.parts, parts):
             part.write_rows(i, t, start, non_blocking)
 
     def close(self, recycle: bool = False):
@@ -245,9 +252,20 @@ class Deferred:
     def tensors(self):
         return self.packed.parts()
 
-    def value(self) -> torch.Tensor:
+    def value(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The values (unpacked into `out` when given: contiguous, of the packed shape)."""
         from .compression import decompress
-        return decompress(self.packed, self.dtype)
+        return decompress(self.packed, self.dtype, out=out)
+
+    def value_with(self, rows: torch.Tensor) -> torch.Tensor:
+        """The values followed by `rows` along dim 0, unpacked straight into one buffer with room
+        for them: the same tensor as torch.cat([value(), rows]) without its second full copy."""
+        shape = tuple(self.packed.shape)
+        n = shape[0]
+        buf = torch.empty((n + rows.shape[0],) + shape[1:], dtype=self.dtype, device=self.packed.data.device)
+        self.value(out=buf[:n])
+        buf[n:].copy_(rows)
+        return buf
 
 
 def unpacked(x):

@@ -54,12 +54,13 @@ if triton is not None:
         tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(p, dtype, shape):
+def _launch(p, dtype, shape, out=None):
     cfg = p.config
     dim = cfg.group_dim % 2
     R, N = shape[1 - dim], shape[dim]
     G = p.scale.shape[-2]
-    out = torch.empty(shape, dtype=dtype, device=p.data.device)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=p.data.device)
     mn = p.mn if p.mn is not None else p.scale
     grid = (triton.cdiv(R, 32), triton.cdiv(N, 64))
     _unpack_kernel[grid](p.data, p.scale, mn, out, R, N, G, GS=cfg.group_size, BITS=cfg.num_bits,
@@ -73,13 +74,14 @@ def usable(p, shape) -> bool:
             and p.data.is_contiguous() and p.scale.is_contiguous())
 
 
-def unpack(p, dtype, shape, reference):
-    """The matrix unpacked by the kernel; `reference(p, dtype, shape)` is the PyTorch path used to
-    check the kernel once and as the fallback."""
+def unpack(p, dtype, shape, reference, out=None):
+    """The matrix unpacked by the kernel (into `out`, a contiguous tensor of that shape, when
+    given); `reference(p, dtype, shape)` is the PyTorch path used to check the kernel once and as
+    the fallback."""
     if not _STATE["checked"]:
         _STATE["checked"] = True
         try:
-            got = _launch(p, dtype, shape)
+            got = _launch(p, dtype, shape, out)
             want = reference(p, dtype, shape)
             # equal up to rounding: the kernel may fuse q * scale + min into one FMA
             _STATE["ok"] = got.shape == want.shape and bool(torch.allclose(got.float(), want.float(),
@@ -89,6 +91,10 @@ def unpack(p, dtype, shape, reference):
         except Exception as e:  # a Triton or driver problem must not stop a run
             warnings.warn(f"fused dequantisation kernel unavailable ({type(e).__name__}: {e}); using PyTorch ops")
         if not _STATE["ok"]:
-            return reference(p, dtype, shape)
+            return _into(reference(p, dtype, shape), out)
         return got
-    return _launch(p, dtype, shape) if _STATE["ok"] else reference(p, dtype, shape)
+    return _launch(p, dtype, shape, out) if _STATE["ok"] else _into(reference(p, dtype, shape), out)
+
+
+def _into(x, out):
+    return x if out is None else out.copy_(x)

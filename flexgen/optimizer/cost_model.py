@@ -20,20 +20,28 @@ from .memory_model import MemoryEstimate, _layers, _packed_bytes, estimate_memor
 
 GiB = 1 << 30
 
-# Host time per stage (layer) per GPU batch: Python + kernel launches. Calibrated on the H200
-# run of benchmarks/RESULTS.md (P4: OPT-6.7B all on GPU, 66 stages, 22-26 ms per decode step).
-GPU_STAGE_OVERHEAD_S = 0.35e-3
-CPU_STAGE_OVERHEAD_S = 0.15e-3
+# Host time of a stage (layer) per GPU batch = the aten operations its forward issues (counted
+# once per model: optimizer/op_count.py) x the host cost of one operation (the profile's
+# `host_op_s`: dispatch, launch and the Python around it). For a profile that predates the
+# measurement, the cost per operation is that of P4 (OPT-6.7B all on GPU, 8 x 1, H200,
+# benchmarks/RESULTS.md: 22-26 ms per decode step, host-bound) over the operations of its decode
+# step, counted the same way (REFERENCE_MODEL).
+REFERENCE_DECODE_STEP_S = 0.024        # P4 on the H200
+REFERENCE_CPU_STAGE_S = 0.15e-3        # a CPU-only decode stage of OPT, per GPU batch (session 1)
+REFERENCE_MODEL = ("facebook/opt-6.7b", "opt")
 # Share of the profile's best matmul rate that a prefill step reaches (layer norms, activations,
 # attention and smaller shapes around the matmuls): 0.70-0.79 over eight policies on OPT-6.7B/13B/
 # 30B, H100, benchmarks/RESULTS.md (2026-11-26, session 2).
 PREFILL_EFFICIENCY = 0.75
-# Extra time per cached element a decode step reads from a compressed cache on the GPU, beyond
-# the profiled unpacking rate: the unpacked copy is concatenated with the new row and read again,
-# and new rows are quantised by several small kernels. Fitted on V6 (OPT-13B, cache all on GPU,
-# 4-bit: 0.194 s/step measured against 0.082 without it) and checked on P3 (within 15%), H100,
-# benchmarks/RESULTS.md (2026-11-26, session 2).
-COMPRESSED_CACHE_S_PER_ELEM = 8.1e-12
+GQA_CPU_SLOWDOWN_REP4 = 0.333 / 0.143   # see Rates.gqa_slowdown4
+# Host cost of an operation on the compressed cache's paths (quantise, write the packed parts,
+# unpack) over that of an operation in a layer's forward: the Python around them (packed
+# dataclasses, per-part writes) is heavier. Profiles may carry it measured (`cache_op_s`);
+# otherwise this ratio, fitted with the operations counted as the engine issued them then
+# (check_cost_model.py --engine-before) on four host-bound runs of two machines: V6 (OPT-13B,
+# 4-bit cache all on the GPU, 32 x 2, H100, sessions 2 and 3: +8% / +18% with it), P3x (H100,
+# -12%), N4 (H200, session 4: -1%); L3A (+2%) was not in the fit.
+CACHE_OP_RATIO = 1.8
 
 # Used when no profile is given and none is cached: H100 figures from ../shared/DESIGN.md
 # (copies, fp16 matmul, CPU matmul). HBM bandwidth, disk and CPU attention/dequantisation rates are
@@ -100,6 +108,15 @@ class Rates:
         # predates it; the fp16 read plus the generic unpacking rate stand in)
         packed = c.get("packed_attention_gelem_s")
         self.cpu_packed_attn = _best(packed, cpu_threads) * 1e9 if packed else None
+        # CPU attention with grouped-query attention: rep query heads per KV head make the kernel's
+        # score matrices rep rows tall (softmax and the fp32 scores grow with rep, the cache bytes
+        # do not). The profile's rate at rep = 4 (`attention_rep4_gib_s`) against its rate at
+        # rep = 1 gives the slowdown; profiles before it take N10's (LLaMA-3-8B, 32 x 2, H200,
+        # benchmarks/RESULTS.md session 4: 0.333 s of CPU attention a step where the rep-1 rate
+        # gives 0.143 s, from its profile).
+        rep4 = c.get("attention_rep4_gib_s")
+        self.gqa_slowdown4 = (max(1.0, self.cpu_attn / (_best(rep4, cpu_threads) * GiB)) if rep4 and self.cpu_attn
+                              else GQA_CPU_SLOWDOWN_REP4)
         # K/V rows written into a freshly allocated CPU cache: page faults set the rate (nominal
         # 8 GiB/s when the profile predates the measurement)
         self.fresh_write = c.get("fresh_write_gib_s", 8.0) * GiB
@@ -110,13 +127,81 @@ class Rates:
             self.dev_bw = g["mem_bw_gib_s"] * GiB
             self.flops = g.get("fp16_tflops_best", _best(g.get("fp16_tflops"))) * 1e12
             self.dequant = g["dequant_gelem_s"] * 1e9
-            self.overhead = g.get("overhead_s_per_stage", GPU_STAGE_OVERHEAD_S)
+            self.host_op = g.get("host_op_s") or reference_host_op_s(True)
+            self.cache_op = g.get("cache_op_s") or CACHE_OP_RATIO * self.host_op
         else:  # the CPU is the compute device: its memory is the "gpu" and the "cpu" tier
             self.h2d_pinned = self.h2d_pageable = self.d2h = math.inf
             self.dev_bw = c.get("mem_bw_gib_s", 20.0) * GiB
             self.flops = _best(c.get("matmul_gflops")) * 1e9
             self.dequant = self.cpu_dequant
-            self.overhead = c.get("overhead_s_per_stage", CPU_STAGE_OVERHEAD_S)
+            self.host_op = c.get("host_op_s") or reference_host_op_s(False)
+            self.cache_op = c.get("cache_op_s") or CACHE_OP_RATIO * self.host_op
+
+    def gqa_factor(self, rep: int) -> float:
+        """CPU attention time at rep query heads per KV head over its time at rep = 1 (linear in
+        rep through the rep = 4 measurement)."""
+        return 1.0 + (max(rep, 1) - 1) / 3.0 * (self.gqa_slowdown4 - 1.0)
+
+
+_REFERENCE = {}
+
+
+def reference_host_op_s(is_cuda: bool) -> float:
+    """Host seconds per aten operation for a profile without `host_op_s`: the reference
+    measurement over the reference model's counted operations (see REFERENCE_DECODE_STEP_S)."""
+    if "ops" not in _REFERENCE:
+        from ..models.registry import resolve_model
+        family = resolve_model(*REFERENCE_MODEL).family
+        ops = host_ops(family)
+        _REFERENCE["ops"] = sum(n * c for (n, _), c in zip(_layer_types(family), ops["decode"])) + ops["decode_once"]
+        _REFERENCE["stages"] = sum(n for n, _ in _layer_types(family))
+    if is_cuda:
+        return REFERENCE_DECODE_STEP_S / _REFERENCE["ops"]
+    return REFERENCE_CPU_STAGE_S * _REFERENCE["stages"] / _REFERENCE["ops"]
+
+
+def host_ops(family) -> dict:
+    """Aten operations per layer type (aligned with _layer_types) of a decode step (`decode`) and
+    a prefill (`prefill`) for one GPU batch, and those issued once per step and GPU batch
+    (`decode_once`, `prefill_once`); counted once per family object (op_count.py). A layer whose
+    forward cannot be counted (data-dependent routing) gets the reference model's mean per
+    stage."""
+    cached = getattr(family, "_host_ops", None)
+    if cached is not None:
+        return cached
+    from .op_count import count_layer_ops
+    layers = [layer for _, layer in _layer_types(family)]
+    out = {}
+    for phase, seq in (("decode", 1), ("prefill", 16)):
+        counts, once = count_layer_ops(layers, seq)
+        out[phase], out[phase + "_once"] = counts, once
+    known = [(n, c) for (n, _), c in zip(_layer_types(family), out["decode"]) if c is not None]
+    if any(c is None for c in out["decode"] + out["prefill"]):
+        mean = sum(n * c for n, c in known) / max(1, sum(n for n, _ in known))
+        for phase in ("decode", "prefill"):
+            out[phase] = [mean if c is None else c for c in out[phase]]
+    family._host_ops = out
+    return out
+
+
+def cache_host_ops(kv_heads: int, head_dim: int, config) -> dict:
+    """A compressed cache's host operations per layer and GPU batch (op_count.py), by shape."""
+    from .op_count import count_compressed_cache_ops
+    key = (kv_heads, head_dim, config.num_bits, config.group_size, config.symmetric)
+    if key not in _CACHE_OPS:
+        _CACHE_OPS[key] = count_compressed_cache_ops(kv_heads, head_dim, config)
+    return _CACHE_OPS[key]
+
+
+_CACHE_OPS = {}
+
+
+def graph_eligible(grid) -> np.ndarray:
+    """Candidates whose decode step could replay a captured CUDA graph: weights, cache and
+    activations all on the GPU, nothing compressed, no CPU attention."""
+    allg = lambda opts, idx: np.array([o == (100, 0) for o in opts])[idx]  # noqa: E731
+    return (allg(grid.w_opts, grid.wi) & allg(grid.c_opts, grid.ci) & allg(grid.a_opts, grid.ai)
+            & (grid.cw == 0) & (grid.cc == 0) & (grid.ccc == 0))
 
 
 # ------------------------------------------------------------------------------ per-layer tables
@@ -130,6 +215,18 @@ def _layer_types(family):
         else:
             groups[key] = [1, layer]
     return [(n, l) for n, l in groups.values()]
+
+
+def _successors(family) -> list[int]:
+    """For each layer type (_layer_types' order), the type of the layer that most often follows
+    it (the last layer is followed by the first: the next step)."""
+    keys = [(l.kind, tuple(w.shape for w in l.weights), l.kv_heads, l.head_dim) for l in _layers(family)]
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    follow = [dict() for _ in index]
+    for a, b in zip(keys, keys[1:] + keys[:1]):
+        f = follow[index[a]]
+        f[index[b]] = f.get(index[b], 0) + 1
+    return [max(f, key=f.get) for f in follow]
 
 
 def _weight_table(family, pct, compress, itemsize, cfg):
@@ -248,9 +345,11 @@ def _tables(family, grid: Grid, prompt_len, gen_len, itemsize):
 
 
 def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: bool | None = None,
-             memory_only: bool = False, cpu_threads: int | None = None):
+             memory_only: bool = False, cpu_threads: int | None = None, graph_op_s: float | None = None):
     """Predicted memory (per tier, bytes) and times (seconds) of every candidate in the grid.
-    Returns a dict of arrays: gpu, pinned, pageable, disk, prefill, decode_step, total, throughput."""
+    Returns a dict of arrays: gpu, pinned, pageable, disk, prefill, decode_step, total, throughput.
+    graph_op_s: the host seconds per operation of a decode step that replays a captured CUDA graph,
+    applied to the candidates that graph_eligible() accepts (None: every decode step is eager)."""
     rates = Rates(profile, cpu_threads)
     is_cuda = rates.is_cuda if is_cuda is None else is_cuda
     itemsize = 2 if is_cuda else 4
@@ -330,18 +429,33 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
     h2d_w = rates.h2d_pinned if grid.pin_weight else rates.h2d_pageable
     ccc = grid.ccc.astype(bool)
     act_frac = act_n / np.maximum(gbs, 1)[:, None]
+    act_off = (act_frac[:, 1] + act_frac[:, 2]) > 0
+    ops = host_ops(family)
+    cache_ops = {id(l): cache_host_ops(l.kv_heads, l.head_dim, ccfg) for _, l in attn}
+    first_attn = next((i for i, (_, l) in enumerate(_layer_types(family)) if l.kind == "attention"), 0)
+    graph = graph_eligible(grid) if graph_op_s is not None else np.zeros(n, dtype=bool)
+    succ = _successors(family)
 
     def step_time(tokens: int, ctx: float, prefill: bool):
         total = z()
+        phase = "prefill" if prefill else "decode"
+        op_s = rates.host_op if prefill else np.where(graph, graph_op_s or 0.0, rates.host_op)
         for (wi, c), m in w_arr.items():
             rows = W[(wi, c)]
             ai = 0
-            for r in rows:
+            op = op_s[m] if isinstance(op_s, np.ndarray) else op_s
+            parts = []
+            for ri, r in enumerate(rows):
+                # host: this layer's operations, and once per step those kept in the step context
+                n_ops = ops[phase][ri] + (ops[phase + "_once"] / r["n"] if ri == first_attn else 0.0)
                 g = gbs[m]
                 k = ngb[m]
+                host = k * n_ops * op
                 # weights: once per stage; from cpu over PCIe, from disk through a pinned relay
-                h2d = r["cpu"] / h2d_w + r["disk"] / rates.h2d_pinned
-                disk = r["disk"] / rates.disk_read
+                w_h2d = r["cpu"] / h2d_w + r["disk"] / rates.h2d_pinned
+                w_disk = r["disk"] / rates.disk_read
+                h2d = np.zeros_like(g)   # this stage's cache traffic, per GPU batch summed
+                disk = np.zeros_like(g)
                 d2h = np.zeros_like(g)
                 cpu_t = np.zeros_like(g)
                 ntok = g if r["kind"] == "head" else g * tokens   # the head sees one position per sequence
@@ -356,10 +470,20 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                         if not mm2.any():
                             continue
                         _, hd, counts = heads_t[hidx]
+                        l_kv = max(1, attn[hidx][1].kv_heads)
                         el = 2 * hd * g[mm2]   # cached K+V elements per position per head, whole GPU batch
                         rb = rowb[int(cc_)]
                         hg, hc, hdk = counts
                         on_cpu = ccc[m][mm2] & ~prefill
+                        if cc_:   # a compressed cache's host work per GPU batch (op_count.py)
+                            co = cache_ops[id(attn[hidx][1])]
+                            segs = sum(1 for x in counts if x)
+                            # quantise the new K/V rows once, write each segment's packed parts
+                            cache_host = co["write"] + co["write_segment"] * segs
+                            if not prefill:   # unpack each segment attention reads on the device
+                                reads = (hg > 0) + np.where(on_cpu, 0, hc > 0) + (hdk > 0)
+                                cache_host = cache_host + reads * co["unpack_fused" if is_cuda else "unpack"]
+                            host[np.flatnonzero(mm2)] += k[mm2] * cache_host * rates.cache_op
                         if prefill:   # the prompt's K/V stored to their tiers, attention on the device
                             dev_a = 2 * 2 * g[mm2] * tokens * tokens / 2 * info.num_heads * hd / flops
                             st = el * tokens * rb
@@ -374,8 +498,8 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                             resident = el * ctx * hg
                             moved = el * ctx * (np.where(on_cpu, 0, hc) + hdk)
                             deq = (el * ctx * (hg + np.where(on_cpu, 0, hc) + hdk)) if cc_ else 0.0
-                            dev_a = k[mm2] * ((resident + moved) * itemsize / rates.dev_bw +
-                                              deq * (1 / rates.dequant + COMPRESSED_CACHE_S_PER_ELEM))
+                            # packed rows are unpacked once into the buffer attention reads
+                            dev_a = k[mm2] * ((resident + moved) * itemsize / rates.dev_bw + deq / rates.dequant)
                             h2d_a = k[mm2] * moved * rb / rates.h2d_pinned
                             disk_a = k[mm2] * (el * ctx * hdk * rb / rates.disk_read + el * hdk * rb / rates.disk_write)
                             d2h_a = k[mm2] * el * (hc + hdk) * rb / rates.d2h
@@ -383,13 +507,11 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                                 cpu_read = el * ctx * hc / rates.cpu_packed_attn
                             else:
                                 cpu_read = el * ctx * hc * 2 / rates.cpu_attn + (el * ctx * hc / rates.cpu_dequant if cc_ else 0)
-                            cpu_a = np.where(on_cpu, k[mm2] * cpu_read, 0.0)
+                            cpu_a = np.where(on_cpu, k[mm2] * cpu_read * rates.gqa_factor(info.num_heads // l_kv), 0.0)
                         idx = np.flatnonzero(mm2)
                         dev[idx] += dev_a
-                        h2d = h2d + np.zeros_like(g)
                         h2d[idx] += h2d_a
                         d2h[idx] += d2h_a
-                        disk = disk + np.zeros_like(g)
                         disk[idx] += disk_a
                         cpu_t[idx] += cpu_a
                 # activations kept off the device: out and back in, per GPU batch, in order on the
@@ -400,12 +522,30 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                 af = act_frac[m]
                 act_t = k * g * hid * ((af[:, 1] + af[:, 2]) * (1 / rates.h2d_pinned + 1 / rates.d2h) +
                                        af[:, 2] * (1 / rates.disk_read + 1 / rates.disk_write))
-                host = k * rates.overhead
                 compute = np.maximum(dev, host) + cpu_t + act_t
+                parts.append((w_h2d, w_disk, h2d, d2h, disk, compute))
+            # With overlap the next stage's weights load while this stage computes (and its GPU
+            # batches' caches load one batch ahead, within the stage): a stage lasts as long as
+            # the longest of its compute, its store stream, and the load stream's next weights +
+            # its own cache. Pairing a stage's compute with its own weights instead over-counts
+            # models whose stages alternate between bound by host work (attention) and bound by
+            # transfers (the MLP): N2, LLaMA-3-8B weights on CPU, 16 x 8.
+            # Activations kept off the device come back host-to-device on the compute stream,
+            # behind whatever the load stream has in flight on the same copy engine: compute then
+            # waits for the stage's loads instead of overlapping them. Measured: N3 (cache and
+            # activations on the CPU) and N6 (weights and activations on the CPU) exceed the
+            # overlapped sum by about their compute time; N9 (activations on the CPU, nothing
+            # loaded) does not (benchmarks/RESULTS.md, session 4).
+            serial = act_off[m]
+            for ri, r in enumerate(rows):
+                w_h2d, w_disk, h2d, d2h, disk, compute = parts[ri]
                 if grid.overlap:
-                    t = np.maximum.reduce([h2d + 0 * g, d2h, disk + 0 * g, compute])
+                    nw_h2d, nw_disk = parts[succ[ri]][:2]
+                    loads = nw_h2d + h2d
+                    t = np.maximum.reduce([np.where(serial, loads + compute, np.maximum(loads, compute)), d2h,
+                                           nw_disk + disk])
                 else:
-                    t = h2d + d2h + disk + compute
+                    t = w_h2d + h2d + d2h + w_disk + disk + compute
                 total[m] += r["n"] * t
         return total
 
@@ -419,9 +559,10 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
 
 
 def predict(family, workload: Workload, policy: Policy, profile: dict, is_cuda: bool | None = None,
-            cpu_threads: int | None = None) -> Prediction:
+            cpu_threads: int | None = None, graph_op_s: float | None = None) -> Prediction:
     """One policy's predicted times, throughput and peak memory (memory_model.estimate_memory)."""
-    r = evaluate(family, Grid.of_policy(policy), workload, profile, is_cuda, cpu_threads=cpu_threads)
+    r = evaluate(family, Grid.of_policy(policy), workload, profile, is_cuda, cpu_threads=cpu_threads,
+                 graph_op_s=graph_op_s)
     cuda = Rates(profile).is_cuda if is_cuda is None else is_cuda
     est = estimate_memory(family, policy, workload.prompt_len, workload.gen_len, cuda)
     return Prediction(float(r["prefill"][0]), float(r["decode_step"][0]), float(r["total"][0]),

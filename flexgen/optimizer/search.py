@@ -66,15 +66,17 @@ def _fits(mem_arrays, limits: MachineMemory, margin=0.95):
 
 
 def search(family, workload: Workload, limits: MachineMemory, profile: dict, top: int = 5,
-           base: Policy | None = None, grid: Grid | None = None) -> list[Candidate]:
-    """The `top` best policies (highest predicted throughput first) that fit `limits`."""
+           base: Policy | None = None, grid: Grid | None = None, graph_op_s: float | None = None) -> list[Candidate]:
+    """The `top` best policies (highest predicted throughput first) that fit `limits`.
+    graph_op_s: host seconds per operation of a decode step replayed from a CUDA graph, for the
+    policies that can (cost_model.graph_eligible); None: all decode steps eager."""
     is_cuda = limits.gpu is not None
     grid = grid or build_grid(base)
     mem = evaluate(family, grid, workload, profile, is_cuda, memory_only=True)
     fit = grid.subset(_fits(mem, limits))
     if not len(fit):
         raise NoPolicyFits("no policy fits")
-    res = evaluate(family, fit, workload, profile, is_cuda)
+    res = evaluate(family, fit, workload, profile, is_cuda, graph_op_s=graph_op_s)
     # highest throughput first; among equals the smaller memory footprint, then simpler policies
     footprint = res["gpu"] + res["pinned"] + res["pageable"]
     order = np.lexsort((fit.cw + fit.cc + fit.ccc, footprint, -np.round(res["throughput"], 6)))
@@ -87,7 +89,7 @@ def search(family, workload: Workload, limits: MachineMemory, profile: dict, top
         est = estimate_memory(family, pol, workload.prompt_len, workload.gen_len, is_cuda)
         if shortfalls(est, limits):   # the vectorised estimate disagrees: trust the exact one
             continue
-        out.append(Candidate(pol, predict(family, workload, pol, profile, is_cuda)))
+        out.append(Candidate(pol, predict(family, workload, pol, profile, is_cuda, graph_op_s=graph_op_s)))
         if len(out) >= top:
             break
     if not out:
@@ -97,7 +99,7 @@ def search(family, workload: Workload, limits: MachineMemory, profile: dict, top
 
 def choose_policy(family, prompt_len: int, gen_len: int, limits: MachineMemory, profile: dict | None = None,
                   base: Policy | None = None, gpu_batch_size: int | None = None,
-                  num_gpu_batches: int | None = None) -> Candidate:
+                  num_gpu_batches: int | None = None, graph_op_s: float | None = None) -> Candidate:
     """The best policy for one block that fits `limits` (FlexGen's `--percent auto`), with its
     prediction. Batch sizes given are kept; None lets the search choose. Profile: this machine's
     saved one, else the built-in default. Raises NoPolicyFits."""
@@ -107,4 +109,5 @@ def choose_policy(family, prompt_len: int, gen_len: int, limits: MachineMemory, 
         profile = load_profile() or DEFAULT_PROFILE
     grid = build_grid(base, gbs=GBS if gpu_batch_size is None else (gpu_batch_size,),
                       ngb=NGB if num_gpu_batches is None else (num_gpu_batches,))
-    return search(family, Workload(prompt_len, gen_len), limits, profile, top=1, base=base, grid=grid)[0]
+    return search(family, Workload(prompt_len, gen_len), limits, profile, top=1, base=base, grid=grid,
+                  graph_op_s=graph_op_s)[0]

@@ -1,0 +1,214 @@
+"""The cost model's host terms: aten operations counted per layer on meta tensors, their host cost
+(profiled, or the reference figure for older profiles), the compressed cache's operations, the
+graph-replay hook, and the terms added for issue 12's validation set (next-stage weight pairing,
+activations behind the loads, grouped-query CPU attention)."""
+import copy
+
+import pytest
+import torch
+
+from flexgen.cli import project_decode_latency
+from flexgen.models.registry import resolve_model
+from flexgen.optimizer import cost_model as cm
+from flexgen.optimizer.cost_model import DEFAULT_PROFILE, Grid, Workload, evaluate, predict
+from flexgen.optimizer.op_count import (count_compressed_cache_ops, count_compressed_cache_ops_before,
+                                        count_layer_ops)
+from flexgen.policy import CompressionConfig, Policy
+
+
+
+def _family(name):
+    return resolve_model(name).family
+
+
+def _kinds(family):
+    return [layer.kind for _, layer in cm._layer_types(family)]
+
+
+def test_llama_layers_issue_more_operations_than_opt():
+    opt, llama = (cm.host_ops(_family(n)) for n in ("facebook/opt-6.7b", "meta-llama/Meta-Llama-3-8B"))
+    o = dict(zip(_kinds(_family("facebook/opt-6.7b")), opt["decode"]))
+    m = dict(zip(_kinds(_family("meta-llama/Meta-Llama-3-8B")), llama["decode"]))
+    # RMSNorm in float32, rotary, SwiGLU's extra matmul and product
+    assert m["attention"] > o["attention"] and m["mlp"] > o["mlp"]
+    assert llama["decode_once"] > 0 == opt["decode_once"]   # rotary angles: once per step, not per layer
+    assert all(c > 0 for c in opt["decode"] + llama["decode"])
+
+
+def test_counts_do_not_depend_on_the_sizes():
+    """The same family at two sizes issues the same operations per layer (meta tensors, no data)."""
+    a, b = (cm.host_ops(_family(n)) for n in ("facebook/opt-6.7b", "facebook/opt-30b"))
+    assert a["decode"] == b["decode"] and a["prefill"] == b["prefill"]
+
+
+def test_once_per_step_values_are_counted_once():
+    fam = _family("meta-llama/Meta-Llama-3-8B")
+    attn = next(layer for layer in fam.layers() if layer.kind == "attention")
+    per_layer, once = count_layer_ops([attn, attn, attn])
+    assert per_layer[0] == per_layer[1] == per_layer[2] and once > 0
+    first, _ = count_layer_ops([attn])   # one pass alone would count the angles in the layer
+    assert first[0] == per_layer[0]
+
+
+def test_a_layer_that_cannot_run_on_meta_gets_the_mean():
+    """A mixture of experts routes by data (.tolist()): no meta value, so its count is the mean of
+    the model's counted layers rather than a failure."""
+    fam = _family("mistralai/Mixtral-8x7B-v0.1")
+    counts, _ = count_layer_ops([layer for _, layer in cm._layer_types(fam)])
+    kinds = _kinds(fam)
+    assert counts[kinds.index("moe")] is None
+    ops = cm.host_ops(fam)
+    assert ops["decode"][kinds.index("moe")] > 0
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_meta_counts_equal_counts_on_real_tensors(family):
+    """What the forwards issue on meta tensors is what they issue on real CPU tensors (of the
+    same dtype: conversions to float32 are no operation on float32 inputs)."""
+    from flexgen.models.llama import LlamaConfig, LlamaFamily
+    from flexgen.models.opt import OptConfig, OptFamily
+    fam = (OptFamily(OptConfig(name="t", num_hidden_layers=2, hidden_size=64, n_head=4, input_dim=64,
+                               ffn_embed_dim=128, vocab_size=100, max_seq_len=64)) if family == "opt" else
+           LlamaFamily(LlamaConfig(name="t", num_hidden_layers=2, hidden_size=64, n_head=4, num_key_value_heads=2,
+                                   intermediate_size=128, vocab_size=100, max_seq_len=64)))
+    layers = fam.layers()
+    for seq in (1, 5):
+        assert count_layer_ops(layers, seq) == count_layer_ops(layers, seq, device="cpu", dtype=torch.float16)
+
+
+def test_reference_host_cost_reproduces_p4():
+    """A profile without host_op_s takes the reference: P4's 24 ms decode step over OPT-6.7B's
+    counted operations, so P4 itself predicts back ~24 ms (host-bound)."""
+    prof = copy.deepcopy(DEFAULT_PROFILE)
+    assert "host_op_s" not in prof["gpu"]
+    pred = predict(_family("facebook/opt-6.7b"), Workload(512, 32), Policy(8, 1, 100, 0, 100, 0, 100, 0), prof)
+    assert pred.decode_step_s == pytest.approx(cm.REFERENCE_DECODE_STEP_S, rel=0.05)
+
+
+def test_profiled_host_cost_is_used_and_scales_host_bound_steps():
+    fam = _family("meta-llama/Meta-Llama-3-8B")
+    p = Policy(8, 1, 100, 0, 100, 0, 100, 0)
+    prof = copy.deepcopy(DEFAULT_PROFILE)
+    prof["gpu"]["host_op_s"] = 10e-6
+    slow = predict(fam, Workload(512, 32), p, prof).decode_step_s
+    prof["gpu"]["host_op_s"] = 5e-6
+    fast = predict(fam, Workload(512, 32), p, prof).decode_step_s
+    assert fast == pytest.approx(slow / 2, rel=0.05)   # host-bound: time follows the per-op cost
+    ops = cm.host_ops(fam)
+    per_step = sum(n * c for (n, _), c in zip(cm._layer_types(fam), ops["decode"])) + ops["decode_once"]
+    assert slow == pytest.approx(per_step * 10e-6, rel=0.05)
+
+
+def test_graph_replay_hook_only_changes_eligible_policies():
+    fam = _family("meta-llama/Meta-Llama-3-8B")
+    prof = copy.deepcopy(DEFAULT_PROFILE)
+    w = Workload(512, 32)
+    resident = Policy(8, 1, 100, 0, 100, 0, 100, 0)
+    eager = predict(fam, w, resident, prof)
+    graph = predict(fam, w, resident, prof, graph_op_s=1e-6)
+    assert graph.decode_step_s < 0.5 * eager.decode_step_s
+    assert graph.prefill_s == eager.prefill_s                     # prefill stays eager
+    for other in (resident.replace(compress_cache=True), Policy(8, 1, 100, 0, 50, 50, 100, 0),
+                  Policy(8, 1, 90, 10, 100, 0, 100, 0)):
+        assert predict(fam, w, other, prof, graph_op_s=1e-6).decode_step_s == predict(fam, w, other, prof).decode_step_s
+    assert predict(fam, w, resident, prof, graph_op_s=None).decode_step_s == eager.decode_step_s
+    g = Grid.of_policy(resident)
+    assert cm.graph_eligible(g).tolist() == [True]
+
+
+def test_fused_cache_write_issues_fewer_operations():
+    cfg = CompressionConfig(4, 64, 2, False)
+    new, old = count_compressed_cache_ops(8, 128, cfg), count_compressed_cache_ops_before(8, 128, cfg)
+    # two segments (GPU + CPU), as N4: one quantise call against one per segment and K/V
+    assert new["write"] + 2 * new["write_segment"] < 0.7 * (old["write"] + 2 * old["write_segment"])
+    assert new["write"] > 0 and new["unpack"] > 0 and new["unpack_fused"] > 0
+
+
+def test_compressed_cache_host_terms_grow_with_segments():
+    """A packed cache split over GPU and CPU writes and unpacks two segments per layer and batch:
+    more host time than the same cache in one segment (host-bound at small batch)."""
+    fam = _family("meta-llama/Meta-Llama-3-8B")
+    prof = copy.deepcopy(DEFAULT_PROFILE)
+    w = Workload(512, 32)
+    one = Policy(4, 8, 100, 0, 100, 0, 100, 0, compress_cache=True)
+    plain = Policy(4, 8, 100, 0, 100, 0, 100, 0)
+    assert predict(fam, w, one, prof).decode_step_s > predict(fam, w, plain, prof).decode_step_s
+    ops = cm.cache_host_ops(8, 128, one.comp_cache_config)
+    assert ops == count_compressed_cache_ops(8, 128, one.comp_cache_config)
+
+
+def test_next_stage_weights_overlap_this_stage():
+    """Weights on the CPU at 16 x 8 (N2): attention is host-bound, the MLP transfer-bound; the
+    MLP's weights load while attention computes, so the step is about the transfer alone, not
+    the sum of each stage's worse side."""
+    fam = _family("meta-llama/Meta-Llama-3-8B")
+    prof = copy.deepcopy(DEFAULT_PROFILE)
+    p = Policy(16, 8, 0, 100, 100, 0, 100, 0)
+    step = predict(fam, Workload(512, 32), p, prof).decode_step_s
+    transfer = fam.model_bytes() / (prof["gpu"]["h2d_pinned_gib_s"] * (1 << 30))
+    assert transfer <= step < 1.15 * transfer
+    assert cm._successors(fam)[_kinds(fam).index("attention")] == _kinds(fam).index("mlp")
+
+
+def test_offloaded_activations_wait_for_the_loads():
+    fam = _family("meta-llama/Meta-Llama-3-8B")
+    prof = copy.deepcopy(DEFAULT_PROFILE)
+    w = Workload(512, 32)
+    on_gpu = predict(fam, w, Policy(32, 4, 100, 0, 0, 100, 100, 0), prof).decode_step_s
+    on_cpu = predict(fam, w, Policy(32, 4, 100, 0, 0, 100, 0, 100), prof).decode_step_s
+    nothing_loaded = predict(fam, w, Policy(32, 4, 100, 0, 100, 0, 0, 100), prof).decode_step_s
+    all_gpu = predict(fam, w, Policy(32, 4, 100, 0, 100, 0, 100, 0), prof).decode_step_s
+    assert on_cpu > 1.2 * on_gpu                       # compute no longer hides behind the cache loads
+    assert nothing_loaded < 1.2 * all_gpu              # nothing in flight to wait for
+
+
+def test_grouped_query_cpu_attention_is_slower_per_byte():
+    prof = copy.deepcopy(DEFAULT_PROFILE)
+    r = cm.Rates(prof)
+    assert r.gqa_factor(1) == 1.0 and r.gqa_factor(4) == pytest.approx(cm.GQA_CPU_SLOWDOWN_REP4)
+    prof["cpu"]["attention_rep4_gib_s"] = {"16": prof["cpu"]["attention_gib_s"]["16"] / 2}
+    assert cm.Rates(prof).gqa_factor(4) == pytest.approx(2.0)
+    fam = _family("meta-llama/Meta-Llama-3-8B")
+    p = Policy(32, 2, 0, 100, 0, 100, 100, 0, cpu_cache_compute=True)
+    slow = predict(fam, Workload(512, 32), p, prof).decode_step_s
+    prof["cpu"]["attention_rep4_gib_s"] = dict(prof["cpu"]["attention_gib_s"])
+    assert predict(fam, Workload(512, 32), p, prof).decode_step_s < slow
+
+
+def test_evaluate_matches_predict_on_a_grid():
+    fam = _family("meta-llama/Meta-Llama-3-8B")
+    prof = copy.deepcopy(DEFAULT_PROFILE)
+    from flexgen.optimizer.search import build_grid
+    grid = build_grid(gbs=(8, 32), ngb=(1, 4))
+    res = evaluate(fam, grid, Workload(512, 32), prof, True)
+    for i in range(0, len(grid), max(1, len(grid) // 25)):
+        one = predict(fam, Workload(512, 32), grid.policy(i), prof, True)
+        assert res["decode_step"][i] == pytest.approx(one.decode_step_s, rel=1e-9)
+        assert res["prefill"][i] == pytest.approx(one.prefill_s, rel=1e-9)
+
+
+def test_cut_run_projection_keeps_the_first_decode_steps():
+    """FlexGen's projection: the first two decode steps as measured, the rest at the later mean
+    (a cold first step is not multiplied by gen_len - 1)."""
+    assert project_decode_latency([0.2, 0.04, 0.03, 0.03, 0.03], 32) == pytest.approx(0.24 + 0.03 * 29)
+    assert project_decode_latency([0.05, 0.05], 32) == pytest.approx(0.05 * 31)
+
+
+def test_profile_measures_host_cost_per_operation_on_the_cpu():
+    from flexgen.profile import profile_host_op
+    out = profile_host_op("cpu", quick=True)
+    assert set(out["host_op_s_by_probe"]) == {"opt", "llama"}
+    assert 0 < out["host_op_s"] < 1e-3
+    assert torch.get_num_threads() >= 1
+
+
+def test_search_forwards_the_graph_hook():
+    from flexgen.optimizer.memory_model import MachineMemory
+    from flexgen.optimizer.search import choose_policy
+    fam = _family("facebook/opt-6.7b")
+    limits = MachineMemory(gpu=80 << 30, host=100 << 30, disk=100 << 30)
+    eager = choose_policy(fam, 512, 32, limits, copy.deepcopy(DEFAULT_PROFILE), gpu_batch_size=8, num_gpu_batches=1)
+    graph = choose_policy(fam, 512, 32, limits, copy.deepcopy(DEFAULT_PROFILE), gpu_batch_size=8, num_gpu_batches=1,
+                          graph_op_s=1e-6)
+    assert cm.graph_eligible(Grid.of_policy(graph.policy)).tolist() == [True]
+    assert graph.prediction.decode_step_s < eager.prediction.decode_step_s
