@@ -467,7 +467,15 @@ def predict_policy(family, policy, args, env, profile):
     every run checks the model."""
     from .optimizer.cost_model import Workload, predict
     return predict(family, Workload(args.prompt_len, args.gen_len), policy, profile,
-                   is_cuda=env.is_cuda, cpu_threads=env.cpu_threads)
+                   is_cuda=env.is_cuda, cpu_threads=env.cpu_threads, graph_op_s=graph_op_s(env))
+
+
+def graph_op_s(env):
+    """The cost model's per-operation time of a decode step replayed from CUDA graphs, when this
+    run captures them where a policy allows (None: every decode step eager)."""
+    from .engine.graphs import graph_mode
+    from .optimizer.cost_model import GRAPH_OP_S
+    return GRAPH_OP_S if graph_mode(env) == "graph" else None
 
 
 DEFAULT_PATHS = {"opt": "~/opt_weights", "llama": "~/llama_weights"}
@@ -500,7 +508,7 @@ def choose_auto_policy(args, family, env, prompt_len=None, gen_len=None, profile
     try:
         best = choose_policy(family, prompt_len or args.prompt_len, gen_len or args.gen_len, limits,
                              profile=profile, base=base, gpu_batch_size=gbs,
-                             num_gpu_batches=ngb)
+                             num_gpu_batches=ngb, graph_op_s=graph_op_s(env))
     except NoPolicyFits:
         gpu = "no GPU" if limits.gpu is None else f"GPU {limits.gpu / GiB:.1f} GiB"
         raise PolicyError(f"--percent auto: no policy fits {family.info().name} in {gpu}, host "

@@ -42,6 +42,12 @@ GQA_CPU_SLOWDOWN_REP4 = 0.333 / 0.143   # see Rates.gqa_slowdown4
 # 4-bit cache all on the GPU, 32 x 2, H100, sessions 2 and 3: +8% / +18% with it), P3x (H100,
 # -12%), N4 (H200, session 4: -1%); L3A (+2%) was not in the fit.
 CACHE_OP_RATIO = 1.8
+# A decode step replayed from CUDA graphs (engine/graphs.py) has no host work to speak of, but its
+# ~2,000 small kernels still run back to back: P4 (OPT-6.7B, batch 8, all on the GPU, H200,
+# 2026-12-02 session 5, benchmarks/cuda_graph_check.py) took 6.21 ms a step for 1,970 counted
+# operations, where the model's traffic and FLOPs alone give 3.78 ms. Seconds per counted
+# operation of a replayed step, the floor that step cannot go under (one point so far).
+GRAPH_OP_S = 6.21e-3 / 1970
 
 # Used when no profile is given and none is cached: H100 figures from ../shared/DESIGN.md
 # (copies, fp16 matmul, CPU matmul). HBM bandwidth, disk and CPU attention/dequantisation rates are
@@ -433,7 +439,9 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
     ops = host_ops(family)
     cache_ops = {id(l): cache_host_ops(l.kv_heads, l.head_dim, ccfg) for _, l in attn}
     first_attn = next((i for i, (_, l) in enumerate(_layer_types(family)) if l.kind == "attention"), 0)
-    graph = graph_eligible(grid) if graph_op_s is not None else np.zeros(n, dtype=bool)
+    # routed experts are never captured (engine/graphs.py: their shapes depend on the data)
+    moe = any(layer.kind == "moe" for layer in _layers(family))
+    graph = graph_eligible(grid) if graph_op_s is not None and not moe else np.zeros(n, dtype=bool)
     succ = _successors(family)
 
     def step_time(tokens: int, ctx: float, prefill: bool):
