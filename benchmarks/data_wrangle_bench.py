@@ -90,7 +90,7 @@ def run_ours(sid: str) -> None:
             ids = rng.integers(100, vocab, size=plen)
             ids[ids == pad] = pad + 1
             reqs.append(GenerationRequest(ids.tolist(), max_new_tokens=glen, stop_at_eos=False))
-        runner = RequestRunner(lm, pad_to_seq_len=plen, progress=False)
+        runner = RequestRunner(lm, pad_to_seq_len=plen, progress=True)   # the log shows how far a cut run got
         warm = RequestRunner(lm, progress=False)   # one short block first (kernels, allocator)
         warm.generate([GenerationRequest(r.prompt[:32], max_new_tokens=1, stop_at_eos=False) for r in reqs[:1]])
         import torch
