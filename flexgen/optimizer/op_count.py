@@ -149,7 +149,7 @@ def count_compressed_cache_ops_before(kv_heads: int, head_dim: int, config) -> d
     concatenated the new row. For checking the model against those runs only."""
     import dataclasses
 
-    from ..memory.compression import Packed, _compress_reference, decompress, packed_shapes
+    from ..memory.compression import _compress_reference, decompress, packed_shapes
     cfg = dataclasses.replace(config, group_dim=3)
     row = torch.empty((1, _B, kv_heads, head_dim), dtype=torch.float16, device="meta")
     shapes = [s for s in packed_shapes((_PAST + 1, _B, kv_heads, head_dim), cfg) if s is not None]
@@ -165,14 +165,18 @@ def count_compressed_cache_ops_before(kv_heads: int, head_dim: int, config) -> d
     mode = _Counter()
     with mode:
         for _ in range(2):
-            views = [st[:_PAST] for st in stores]
-            p = Packed(views[0], views[1], views[2] if len(views) == 3 else None,
-                       (_PAST, _B, kv_heads, head_dim), cfg)
-            past = decompress(p, torch.float16)
+            past = decompress(_past_rows(stores, kv_heads, head_dim, cfg), torch.float16)
             torch.cat([past, row.to(past.device, past.dtype)], dim=0)
     unpack = mode.n
     unpack_fused = 2 * (len(stores) + 1 + 1 + 1)   # views, output, launch, the concatenation
     return {"write": 0, "write_segment": write_segment, "unpack": unpack, "unpack_fused": unpack_fused}
+
+
+def _past_rows(stores, kv_heads, head_dim, cfg):
+    """The packed past rows of a cache store (views of its parts), as the engine reads them."""
+    from ..memory.compression import Packed
+    views = [st[:_PAST] for st in stores]
+    return Packed(views[0], views[1], views[2] if len(views) == 3 else None, (_PAST, _B, kv_heads, head_dim), cfg)
 
 
 def count_compressed_cache_ops(kv_heads: int, head_dim: int, config) -> dict:
@@ -199,14 +203,10 @@ def count_compressed_cache_ops(kv_heads: int, head_dim: int, config) -> dict:
             for st, t in zip(stores, parts):
                 st[_PAST:_PAST + 1].copy_(t[kv][:, :, 0:kv_heads])
     write_segment = mode.n
-    from ..memory.compression import Packed
     mode = _Counter()
     with mode:
         for _ in range(2):
-            views = [st[:_PAST] for st in stores]
-            p = Packed(views[0], views[1], views[2] if len(views) == 3 else None,
-                       (_PAST, _B, kv_heads, head_dim), cfg)
-            Deferred(p, torch.float16).value_with(rows[0])
+            Deferred(_past_rows(stores, kv_heads, head_dim, cfg), torch.float16).value_with(rows[0])
     unpack = mode.n
     # the fused path: per K and V, the row views, one output buffer, one launch, the new row's copy
     unpack_fused = 2 * (len(stores) + 1 + 1 + 2)
