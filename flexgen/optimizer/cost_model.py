@@ -170,8 +170,8 @@ def host_ops(family) -> dict:
     """Aten operations per layer type (aligned with _layer_types) of a decode step (`decode`) and
     a prefill (`prefill`) for one GPU batch, and those issued once per step and GPU batch
     (`decode_once`, `prefill_once`); counted once per family object (op_count.py). A layer whose
-    forward cannot be counted (data-dependent routing) gets the reference model's mean per
-    stage."""
+    forward cannot be counted (data-dependent routing) gets the mean of this model's counted
+    layers."""
     cached = getattr(family, "_host_ops", None)
     if cached is not None:
         return cached
@@ -211,11 +211,16 @@ def graph_eligible(grid) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ per-layer tables
+def _layer_key(layer):
+    """What makes two layers the same type for the model: kind, weight shapes, heads."""
+    return layer.kind, tuple(w.shape for w in layer.weights), layer.kv_heads, layer.head_dim
+
+
 def _layer_types(family):
     """[(count, LayerSpec)] for each distinct layer (kind, shapes, heads), in first-seen order."""
     groups = {}
     for layer in _layers(family):
-        key = (layer.kind, tuple(w.shape for w in layer.weights), layer.kv_heads, layer.head_dim)
+        key = _layer_key(layer)
         if key in groups:
             groups[key][0] += 1
         else:
@@ -226,7 +231,7 @@ def _layer_types(family):
 def _successors(family) -> list[int]:
     """For each layer type (_layer_types' order), the type of the layer that most often follows
     it (the last layer is followed by the first: the next step)."""
-    keys = [(l.kind, tuple(w.shape for w in l.weights), l.kv_heads, l.head_dim) for l in _layers(family)]
+    keys = [_layer_key(layer) for layer in _layers(family)]
     index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
     follow = [dict() for _ in index]
     for a, b in zip(keys, keys[1:] + keys[:1]):
