@@ -110,7 +110,7 @@ def best_cpu_4bit_policy(a, family):
 def common(a, model):
     return ["--model", model, "--path", "_DUMMY_", "--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len),
             "--offload-dir", a.offload_dir, "--gpu-mem", f"{a.gpu_cap:g}GiB", "--cpu-mem", f"{a.cpu_mem:g}GiB",
-            "--verbose", "1", "--no-log"]
+            "--verbose", "1", "--no-log"] + (["--cut-gen-len", str(a.cut_gen_len)] if a.cut_gen_len else [])
 
 
 def _flags(policy):
@@ -309,6 +309,8 @@ def main():
     ap.add_argument("parts", nargs="+", choices=list(PARTS) + ["_hf_child"])
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--cut-gen-len", type=int, default=None,
+                    help="ours: run this many tokens and project the rest of --gen-len (FlexGen's flag)")
     ap.add_argument("--gpu-cap", type=float, default=24.0, help="hard GPU memory cap, GiB")
     ap.add_argument("--cpu-mem", type=float, default=110.0, help="host memory for the policy search / HF, GiB")
     ap.add_argument("--offload-dir", default="/tmp/flexgen_moe_offload")
