@@ -216,25 +216,29 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
 
 
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def rope_angles(positions, inv_freq, dtype):
-    """cos and sin (b, s, 1, d) for positions (b, s), computed in float32 as HF does."""
+    """cos and signed sin (b, s, 1, d) for positions (b, s), computed in float32 as HF does. The
+    sin's first half is negated so that rotating is one roll (apply_rope): HF's rotate_half(x) *
+    sin = cat(-x2, x1) * sin = roll(x) * cat(-sin1, sin2), exactly (negation is exact)."""
     freqs = positions.float()[..., None] * inv_freq[None, None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, :, None, :], emb.sin().to(dtype)[:, :, None, :]
+    sin = emb.sin()
+    sin[..., : freqs.shape[-1]].neg_()
+    return emb.cos().to(dtype)[:, :, None, :], sin.to(dtype)[:, :, None, :]
 
 
-def apply_rope(q, k, cos, sin):
-    """q, k: (b, s, heads, d) rotated by the angles of rope_angles."""
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+def apply_rope(x, cos, sin):
+    """x: (b, s, heads, d) rotated by the angles of rope_angles. The attention passes q and k as
+    one strided view of the qkv projection, so both rotate in the same four kernels."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def rms_norm(x, weight, eps):
-    dtype = x.dtype
+    if x.is_cuda and x.dtype != torch.float32:
+        # one fused kernel instead of eight (P4-class decode is bound by kernel count); it
+        # multiplies by the weight before rounding to half, HF after: within fp16 rounding
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    dtype = x.dtype   # HF's order of operations exactly: the float32 reference on the CPU
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)
@@ -307,16 +311,16 @@ class LlamaFamily(ModelFamily):
         b, s, _ = h.shape
         x = rms_norm(h, w["norm"], c.rms_norm_eps)
         kvd = c.num_key_value_heads * c.head_dim
-        q, k, v = F.linear(x, w["qkv.weight"], w.get("qkv.bias")).split([c.n_head * c.head_dim, kvd, kvd], dim=-1)
-        q = q.view(b, s, c.n_head, c.head_dim)
-        k = k.view(b, s, c.num_key_value_heads, c.head_dim)
-        v = v.view(b, s, c.num_key_value_heads, c.head_dim)
+        qkv = F.linear(x, w["qkv.weight"], w.get("qkv.bias"))
+        qk, v = qkv.split([(c.n_head + c.num_key_value_heads) * c.head_dim, kvd], dim=-1)
         if "rope" not in ctx.extra:  # the same angles serve every layer of this step
             dev = ctx.positions.device
             if dev not in self._inv_freq_on:
                 self._inv_freq_on[dev] = self.inv_freq.to(dev)
-            ctx.extra["rope"] = rope_angles(ctx.positions.clamp(min=0), self._inv_freq_on[dev], q.dtype)
-        q, k = apply_rope(q, k, *ctx.extra["rope"])
+            ctx.extra["rope"] = rope_angles(ctx.positions.clamp(min=0), self._inv_freq_on[dev], qkv.dtype)
+        qk = apply_rope(qk.view(b, s, c.n_head + c.num_key_value_heads, c.head_dim), *ctx.extra["rope"])
+        q, k = qk.split([c.n_head, c.num_key_value_heads], dim=2)
+        v = v.view(b, s, c.num_key_value_heads, c.head_dim)
         o = ctx.attend(q, k, v, c.head_dim ** -0.5) if window is None else \
             ctx.attend(q, k, v, c.head_dim ** -0.5, window=window)
         return h + F.linear(o.reshape(b, s, -1), w["o.weight"], w.get("o.bias"))
