@@ -81,9 +81,10 @@ def _dense_decode(q, k, v, invalid, scale):
     qg = q.view(b, kv_heads, heads // kv_heads, d)                     # (b, g, rep, d)
     scores = qg @ k.permute(0, 2, 3, 1)                                # (b, g, rep, S)
     scores = scores.masked_fill(invalid[:, None, None, :], float("-inf"))
-    # CUDA's half softmax accumulates in float32 and rounds once, as float32 then a cast does:
-    # one kernel fewer per layer there
-    probs = scores.softmax(-1) if scores.is_cuda else scores.softmax(-1, dtype=torch.float32).to(v.dtype)
+    # an accelerator's half softmax accumulates in float32 and rounds once, as float32 then a
+    # cast does: one kernel fewer per layer there (meta tensors count what a GPU runs)
+    probs = (scores.softmax(-1) if scores.device.type != "cpu"
+             else scores.softmax(-1, dtype=torch.float32).to(v.dtype))
     out = probs @ v.transpose(1, 2)                                    # (b, g, rep, d)
     return out.reshape(b, 1, heads, d)
 

@@ -234,9 +234,10 @@ def apply_rope(x, cos, sin):
 
 
 def rms_norm(x, weight, eps):
-    if x.is_cuda and x.dtype != torch.float32:
-        # one fused kernel instead of eight (P4-class decode is bound by kernel count); it
-        # multiplies by the weight before rounding to half, HF after: within fp16 rounding
+    if x.device.type != "cpu" and x.dtype != torch.float32:
+        # on an accelerator one fused kernel instead of eight (small-batch decode is bound by
+        # kernel count); it multiplies by the weight before rounding to half, HF after: within
+        # fp16 rounding. (Meta tensors take this path too: the cost model counts what a GPU runs.)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     dtype = x.dtype   # HF's order of operations exactly: the float32 reference on the CPU
     x32 = x.float()

@@ -228,16 +228,18 @@ def _layer_types(family):
     return [(n, l) for n, l in groups.values()]
 
 
-def _successors(family) -> list[int]:
-    """For each layer type (_layer_types' order), the type of the layer that most often follows
-    it (the last layer is followed by the first: the next step)."""
+def _successors(family) -> list[dict]:
+    """For each layer type (_layer_types' order), the types of the layers that follow its layers,
+    as {type: share of its layers} (the last layer is followed by the first: the next step). Each
+    type's next load is the share-weighted mean, so that a step counts every layer's weights once:
+    LLaMA's last MLP is followed by the head, the others by attention."""
     keys = [_layer_key(layer) for layer in _layers(family)]
     index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
     follow = [dict() for _ in index]
     for a, b in zip(keys, keys[1:] + keys[:1]):
         f = follow[index[a]]
         f[index[b]] = f.get(index[b], 0) + 1
-    return [max(f, key=f.get) for f in follow]
+    return [{b: c / sum(f.values()) for b, c in f.items()} for f in follow]
 
 
 def _weight_table(family, pct, compress, itemsize, cfg):
@@ -553,7 +555,8 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
             for ri, r in enumerate(rows):
                 w_h2d, w_disk, h2d, d2h, disk, compute = parts[ri]
                 if grid.overlap:
-                    nw_h2d, nw_disk = parts[succ[ri]][:2]
+                    nw_h2d = sum(share * parts[b][0] for b, share in succ[ri].items())
+                    nw_disk = sum(share * parts[b][1] for b, share in succ[ri].items())
                     loads = nw_h2d + h2d
                     t = np.maximum.reduce([np.where(serial, loads + compute, np.maximum(loads, compute)), d2h,
                                            nw_disk + disk])

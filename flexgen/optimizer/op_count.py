@@ -14,7 +14,11 @@ packed parts of each segment, and unpacking a packed segment for attention.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..models.base import StepContext
@@ -42,6 +46,25 @@ class _Counter(TorchDispatchMode):
         if not self.paused:
             self.n += 1
         return func(*args, **(kwargs or {}))
+
+
+# Functions an accelerator runs as one kernel that meta tensors (and the CPU) decompose into
+# their math: counted once where they are called (models/llama.rms_norm takes F.rms_norm off the CPU)
+_ONE_KERNEL = (F.rms_norm,)
+
+
+class _OneKernel(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        outer = _Counter.active[-1] if _Counter.active else None
+        if func not in _ONE_KERNEL or outer is None or outer.paused:
+            return func(*args, **(kwargs or {}))
+        outer.paused = True
+        try:
+            out = func(*args, **(kwargs or {}))
+        finally:
+            outer.paused = False
+        outer.n += 1
+        return out
 
 
 _PREFILL_CORE = {}
@@ -100,7 +123,8 @@ def _attend_like_the_engine(seq: int, device="meta"):
     return attend
 
 
-def count_layer_ops(layers, seq: int = 1, device="meta", dtype=torch.float16) -> tuple[list[int | None], int]:
+def count_layer_ops(layers, seq: int = 1, device="meta", dtype=torch.float16,
+                    fused_as_one: bool = True) -> tuple[list[int | None], int]:
     """(per layer, once per step): aten operations of one forward of each layer in `layers` for
     one GPU batch at `seq` new positions (1: a decode step), and the operations a step issues once
     for all its layers (values a family computes in the first layer and keeps in the shared step
@@ -108,7 +132,8 @@ def count_layer_ops(layers, seq: int = 1, device="meta", dtype=torch.float16) ->
     what a family keeps across steps, then twice with one shared context: the last pass is the
     per-layer count, its difference to the one before the once-per-step count. None for a layer whose forward cannot run on meta tensors (data-dependent control flow,
     e.g. a mixture of experts' routing). device / dtype: where the tensors live (meta: no
-    memory, no compute; a real device gives the same count, tests check it)."""
+    memory, no compute; a real device gives the same count, tests check it). fused_as_one=False
+    counts what reaches the backend also inside _ONE_KERNEL functions (a GPU test: they are one)."""
     def new_ctx():
         return StepContext(input_ids=torch.zeros((_B, seq), dtype=torch.long, device=device),
                            positions=torch.arange(seq, device=device).repeat(_B, 1),
@@ -128,7 +153,7 @@ def count_layer_ops(layers, seq: int = 1, device="meta", dtype=torch.float16) ->
                 h = h[:, -1:]
             mode = _Counter()
             try:
-                with mode:
+                with mode, (_OneKernel() if fused_as_one else contextlib.nullcontext()):
                     out = layer.forward(w, h, ctx)
             except Exception:   # data-dependent ops (.item(), .tolist()) have no meta value
                 counts.append(None)
