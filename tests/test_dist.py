@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 import tiny_models as T
 from conftest import DEVICE_TYPE, lm_class
@@ -106,7 +107,7 @@ def _run_cases(zoo, open_lm, tmp_path, world, cases, timeout=150):
                           prompts=str(path)))
         c["_prompts"] = prompts
         # converted here, before the ranks and the reference below read the same weight cache
-        lm_class(family).prepare_weight_cache(zoo.checkpoint(c["name"]), zoo.cache_root)
+        lm_class(family).prepare_weight_cache(zoo.checkpoint(c["name"]), zoo.cache_root, torch.float32)
     cases_file = tmp_path / "cases.json"
     cases_file.write_text(json.dumps(specs))
     port = _port()

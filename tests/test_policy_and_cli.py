@@ -253,7 +253,8 @@ def test_broken_checkpoint_api(zoo, tmp_path, how):
             OptLM(str(d), env, str(tmp_path / "cache"), T.make_policy("all_compute"), progress=False)
     finally:
         env.close_copy_threads()
-    assert not (tmp_path / "cache" / f"{d.name}-np" / ".flexgen_complete").exists()
+    for cache in (f"{d.name}-np", f"{d.name}-np-float32"):   # float16 and float32 compute's caches
+        assert not (tmp_path / "cache" / cache / ".flexgen_complete").exists()
 
 
 def test_dummy_weights_need_no_checkpoint(tmp_path):

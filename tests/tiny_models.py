@@ -132,8 +132,9 @@ def _perturb_constants(model, seed):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
 
 
-def build_checkpoint(name: str, directory, seed: int = 0):
-    """Build the model `name`, round its weights to fp16, save it into `directory` (safetensors)."""
+def build_checkpoint(name: str, directory, seed: int = 0, round_fp16: bool = True):
+    """Build the model `name`, round its weights to fp16 (unless round_fp16=False), save it into
+    `directory` (safetensors)."""
     family, kwargs = SPECS[name]
     config_cls, model_cls = _hf_classes(family)
     torch.manual_seed(seed)
@@ -141,7 +142,8 @@ def build_checkpoint(name: str, directory, seed: int = 0):
     _perturb_constants(model, seed)
     if family == "mixtral":
         _skew_router(model)
-    model = model.half().float()  # the weight cache stores fp16: the reference uses the same values
+    if round_fp16:   # fp16 compute (the GPU tests) reads a float16 cache: the reference uses those values
+        model = model.half().float()
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     names = os.listdir(directory)

@@ -52,7 +52,7 @@ class PipelineLM:
         self.wait_s = 0.0
         # rank 0 converts a checkpoint into the weight cache (once) before any rank reads it
         if comm.rank == 0:
-            lm_class.prepare_weight_cache(model, path)
+            lm_class.prepare_weight_cache(model, path, env.compute_dtype)
         comm.barrier("weight cache ready", load_timeout_s)
         self.lm = lm_class(model, env, path, policy, progress=progress, layer_range=self.layer_range)
 

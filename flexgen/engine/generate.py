@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 
 from .. import weights as weight_io
 from ..models.registry import resolve_model
@@ -42,7 +43,7 @@ class LM:
         self.dtype = env.compute_dtype
         read_tensor = None
         if path is None or DUMMY_MARK not in str(path):
-            cache_dir = self._cache_dir = self._prepare_weight_cache(path)
+            cache_dir = self._cache_dir = self._prepare_weight_cache(path, self.dtype)
             read_tensor = lambda file, shape: weight_io.load_cached(cache_dir, file, shape)  # noqa: E731
         self.weights = WeightStore(env, self.layers, policy.percents("weight"), policy.pin_weight,
                                    self.dtype, read_tensor, progress=progress,
@@ -51,30 +52,43 @@ class LM:
 
     # ---- weights and tokenizer ----------------------------------------------------------------
     @classmethod
-    def prepare_weight_cache(cls, model, path):
+    def prepare_weight_cache(cls, model, path, compute_dtype=torch.float16):
         """Convert the model's checkpoint into the weight cache under path, if it is not there yet
-        (what the constructor does first): lets one process convert before several read it."""
+        (what the constructor does first, for an env computing in compute_dtype): lets one
+        process convert before several read it."""
         if path is not None and DUMMY_MARK in str(path):
             return None
         lm = cls.__new__(cls)
         resolved = resolve_model(model, cls.family_name)
         lm._resolved, lm.name, lm.layers = resolved, resolved.name, resolved.family.layers()
-        return lm._prepare_weight_cache(path)
+        return lm._prepare_weight_cache(path, compute_dtype)
 
-    def _prepare_weight_cache(self, path) -> str:
+    def _prepare_weight_cache(self, path, compute_dtype) -> str:
+        """The cache to read: FlexGen's float16 one (`<name>-np`), or for float32 compute a float32
+        one (`<name>-np-float32`: float32, bfloat16 and GGUF-dequantized weights keep their exact
+        values, so CPU runs match transformers' float32). Without a checkpoint to convert, float32
+        compute reads an existing float16 cache (one made by the original FlexGen, say)."""
         root = os.path.expanduser(path or os.path.join("~", "flexgen_weights"))
-        cache_dir = os.path.join(root, f"{self.name}-np")
+        half = os.path.join(root, f"{self.name}-np")
+        wide = compute_dtype == torch.float32
+        cache_dir = os.path.join(root, f"{self.name}-np-float32") if wide else half
         files = {f for layer in self.layers for w in layer.weights for f, _ in w.files()}
-        if weight_io.cache_is_complete(cache_dir) or (
-                os.path.isdir(cache_dir) and all(os.path.exists(os.path.join(cache_dir, f)) for f in files)):
+
+        def usable(d):
+            return weight_io.cache_is_complete(d) or (
+                os.path.isdir(d) and all(os.path.exists(os.path.join(d, f)) for f in files))
+        if usable(cache_dir):
             return cache_dir
+        if wide and usable(half) and self._resolved.source is None:
+            return half   # no local checkpoint: FlexGen's cache rather than a download
         source = self._source()
         if source is None:
             raise weight_io.WeightsError(
-                f"no weights for {self.name}: {cache_dir} does not exist and there is no checkpoint to "
+                f"no weights for {self.name}: {half} does not exist and there is no checkpoint to "
                 f"convert (pass a checkpoint directory as the model, or --path {DUMMY_MARK} for dummy weights)")
         expected = {f: shape for layer in self.layers for w in layer.weights for f, shape in w.files()}
-        weight_io.convert_checkpoint(source, cache_dir, expected=expected)
+        weight_io.convert_checkpoint(source, cache_dir, expected=expected,
+                                     dtype=np.float32 if wide else np.float16)
         return cache_dir
 
     def _source(self):

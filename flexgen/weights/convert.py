@@ -113,9 +113,10 @@ def check_tensors(expected: dict, present: dict, what: str) -> None:
             raise WeightsError(f"{file}: tensor {name} has dtype {dtype}, not a floating-point type")
 
 
-def _iter_hf_tensors(d, expected=None):
-    """Yield (total, None, None) first, then (file, cache name, float16 array) per tensor."""
+def _iter_hf_tensors(d, expected=None, dtype=np.float16):
+    """Yield (total, None, None) first, then (file, cache name, array of `dtype`) per tensor."""
     import torch
+    to = torch.float32 if dtype == np.float32 else torch.float16
     opened, present = [], {}
     for path in _hf_weight_files(d):
         try:
@@ -136,15 +137,17 @@ def _iter_hf_tensors(d, expected=None):
             if name is None or not is_float:
                 continue
             try:
-                arr = get(key).to(torch.float16).numpy()
+                arr = get(key).to(to).numpy()
             except Exception as e:
                 raise WeightsError(f"checkpoint file {path} is truncated or corrupt "
                                    f"(reading {key}): {reason(e)}") from None
             yield path, name, arr
 
 
-def convert_checkpoint(source, cache_dir, progress=True, expected: dict | None = None) -> None:
-    """Convert an HF checkpoint directory or a .gguf file into the numpy cache at cache_dir.
+def convert_checkpoint(source, cache_dir, progress=True, expected: dict | None = None,
+                       dtype=np.float16) -> None:
+    """Convert an HF checkpoint directory or a .gguf file into the numpy cache at cache_dir, in
+    `dtype` (float16: FlexGen's cache; float32 for float32 compute).
     expected (cache name -> shape, what the model will read) is checked against the checkpoint's
     headers before anything is written."""
     from tqdm.auto import tqdm
@@ -157,9 +160,9 @@ def convert_checkpoint(source, cache_dir, progress=True, expected: dict | None =
         total = count_tensors(reader)
         tensors = ((source, n, w) for n, w in iter_gguf_tensors(source, reader))
     else:
-        tensors = _iter_hf_tensors(source, expected)
+        tensors = _iter_hf_tensors(source, expected, dtype)
         total = next(tensors)[0]
-    writer = CacheWriter(cache_dir, source)
+    writer = CacheWriter(cache_dir, source, dtype)
     seen = set()
     try:
         with tqdm(total=total, desc="converting weights", unit="tensor", disable=not progress) as bar:

@@ -1,6 +1,8 @@
 """The weight cache in FlexGen's numpy layout: one `np.save` file per tensor, named by its Hugging
 Face key without the leading "model.", float16, no ".npy" suffix (the original FlexGen's layout, so
-caches made by either program are interchangeable).
+caches made by either program are interchangeable). For float32 compute (the CPU) a second cache
+holds float32: a float32 or bfloat16 checkpoint, or a GGUF's dequantized blocks, keep their exact
+values, which float16 would round (transformers' float32 is the reference there).
 
 Files are written to a temporary name and renamed, and a marker is written last: a directory
 without the marker is an interrupted conversion and gets redone instead of being trusted.
@@ -69,9 +71,10 @@ class CacheWriter:
     """Writes tensors into a cache dir; on a full disk removes everything it wrote (a half cache
     is useless and only holds the space the user needs to free)."""
 
-    def __init__(self, cache_dir, source):
+    def __init__(self, cache_dir, source, dtype=np.float16):
         self.cache_dir = str(cache_dir)
         self.source = str(source)
+        self.dtype = dtype
         self.written: list[str] = []
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
@@ -90,7 +93,7 @@ class CacheWriter:
         try:
             with open(tmp, "wb") as f:
                 self.written.append(tmp)
-                np.save(f, np.ascontiguousarray(array, dtype=np.float16))
+                np.save(f, np.ascontiguousarray(array, dtype=self.dtype))
             os.replace(tmp, path)
             self.written[-1] = path
         except OSError as e:
