@@ -155,10 +155,10 @@ def smollm2():
     d, fname = os.path.split(path)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=fname)
     ref = AutoModelForCausalLM.from_pretrained(d, gguf_file=fname, dtype=torch.float32).eval()
-    # The engine's weight cache holds the dequantized weights in fp16: round the reference too.
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(p.half().float())
+    if DEVICE_TYPE != "cpu":   # fp16 compute reads the float16 weight cache: round the reference too
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.copy_(p.half().float())
     return path, tok, ref
 
 

@@ -65,16 +65,14 @@ def load(run_dir, name):
 
 @pytest.fixture(scope="module")
 def hf_smol():
-    """transformers on the same GGUF, weights rounded to fp16 as the engine's weight cache holds them."""
+    """transformers on the same GGUF, float32 dequantized: the values the engine's float32 weight
+    cache holds for these CPU runs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flexgen.weights import find_smollm2_gguf
     d, f = os.path.split(find_smollm2_gguf())
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     ref = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(p.half().float())
     return tok, ref
 
 

@@ -236,8 +236,8 @@ def test_entry_point_module_runs():
 
 @pytest.fixture(scope="module")
 def smollm2_hf():
-    """lm-eval's hf backend over transformers reading the same GGUF file, with the weights rounded
-    to fp16 as our weight cache stores them."""
+    """lm-eval's hf backend over transformers reading the same GGUF file (float32 dequantized, the
+    values the CPU's float32 weight cache holds)."""
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -246,8 +246,6 @@ def smollm2_hf():
     d, f = os.path.dirname(gguf), os.path.basename(gguf)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    for p in model.parameters():
-        p.data = p.data.half().float()
     return HFLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu")
 
 

@@ -1,8 +1,9 @@
 """Tiny random OPT, LLaMA, Qwen2, Mistral and Mixtral checkpoints built with transformers, and the
 reference check.
 
-Every model is built from a fixed seed, its weights rounded to fp16 (the weight cache stores
-fp16, so the Hugging Face reference must run on exactly the same values) and saved with
+Every model is built from a fixed seed, its weights rounded to fp16 (fp16 compute reads a float16
+weight cache, so the Hugging Face reference must run on exactly the same values; float32 compute's
+cache holds them unchanged) and saved with
 `save_pretrained` as safetensors: the engine loads it through its real conversion code.
 
 The reference check is teacher forcing: Hugging Face runs once over the engine's whole output
