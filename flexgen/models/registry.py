@@ -38,7 +38,7 @@ class ModelNotFound(ValueError):
 @dataclass
 class ResolvedModel:
     family: ModelFamily
-    name: str                 # short name: the weight cache is <path>/<name>-np
+    name: str                 # short name: the weight cache is <path>/<name>-np (-np-float32 for float32 compute)
     source: str | None        # local HF directory or .gguf file to convert weights from
     hub_name: str | None      # hub name to fetch a checkpoint from when no local source
 
