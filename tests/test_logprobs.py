@@ -20,8 +20,7 @@ def test_generated_logprobs_equal_reference(zoo, open_lm, name, placement):
     with open_lm(name, policy) as lm:
         out, logprobs = lm.generate(prompts, max_new_tokens=6, return_logprobs=True)
     assert logprobs.shape == (len(prompts), 6)
-    ref = torch.log_softmax(tiny_models.teacher_forced_logits(zoo.reference(name), family, out, 8, pad), -1)
-    expected = ref[:, 7:-1].gather(-1, torch.as_tensor(out[:, 8:])[..., None]).squeeze(-1).numpy()
+    expected = tiny_models.reference_token_logprobs(zoo.reference(name), family, out, 8, pad)
     np.testing.assert_allclose(logprobs, expected, atol=1e-4)
 
 
@@ -33,8 +32,7 @@ def test_sampled_logprobs_are_model_logprobs(zoo, open_lm):
     with open_lm(name, tiny_models.make_policy("cache_cpu")) as lm:
         out, logprobs = lm.generate(prompts, max_new_tokens=5, do_sample=True, temperature=0.7, seed=5,
                                     return_logprobs=True)
-    ref = torch.log_softmax(tiny_models.teacher_forced_logits(zoo.reference(name), family, out, 6, pad), -1)
-    expected = ref[:, 5:-1].gather(-1, torch.as_tensor(out[:, 6:])[..., None]).squeeze(-1).numpy()
+    expected = tiny_models.reference_token_logprobs(zoo.reference(name), family, out, 6, pad)
     np.testing.assert_allclose(logprobs, expected, atol=1e-4)
 
 

@@ -44,8 +44,7 @@ def test_float32_compute_keeps_the_exact_values_and_matches_transformers(unround
         out, logprobs = lm.generate(prompts, max_new_tokens=8, return_logprobs=True)
         ref = T.load_reference(unrounded)
         T.assert_matches_reference(T.compare_to_reference(ref, "llama", out, 12, pad), "cpu", NAME)
-        expected = torch.log_softmax(T.teacher_forced_logits(ref, "llama", out, 12, pad), -1)
-        expected = expected[:, 11:-1].gather(-1, torch.as_tensor(out[:, 12:])[..., None]).squeeze(-1).numpy()
+        expected = T.reference_token_logprobs(ref, "llama", out, 12, pad)
         # float32 rounding apart, far tighter than float16-rounded weights would give
         np.testing.assert_allclose(logprobs, expected, atol=2e-5)
     finally:

@@ -206,6 +206,13 @@ def teacher_forced_logits(ref, family: str, out: np.ndarray, prompt_len: int, pa
         return ref(**kwargs).logits.float()
 
 
+def reference_token_logprobs(ref, family: str, out: np.ndarray, prompt_len: int, pad: int) -> np.ndarray:
+    """Hugging Face float32 log-probabilities (b, T) of the tokens generated after prompt_len."""
+    lp = torch.log_softmax(teacher_forced_logits(ref, family, out, prompt_len, pad), -1)
+    picked = torch.as_tensor(np.asarray(out)[:, prompt_len:])[..., None]
+    return lp[:, prompt_len - 1:-1].gather(-1, picked).squeeze(-1).numpy()
+
+
 @dataclass
 class Comparison:
     ours: np.ndarray          # (b, T) our generated tokens

@@ -72,11 +72,11 @@ class LM:
         half = os.path.join(root, f"{self.name}-np")
         wide = compute_dtype == torch.float32
         cache_dir = os.path.join(root, f"{self.name}-np-float32") if wide else half
-        files = {f for layer in self.layers for w in layer.weights for f, _ in w.files()}
+        expected = {f: shape for layer in self.layers for w in layer.weights for f, shape in w.files()}
 
         def usable(d):
             return weight_io.cache_is_complete(d) or (
-                os.path.isdir(d) and all(os.path.exists(os.path.join(d, f)) for f in files))
+                os.path.isdir(d) and all(os.path.exists(os.path.join(d, f)) for f in expected))
         if usable(cache_dir):
             return cache_dir
         if wide and usable(half) and self._resolved.source is None:
@@ -86,7 +86,6 @@ class LM:
             raise weight_io.WeightsError(
                 f"no weights for {self.name}: {half} does not exist and there is no checkpoint to "
                 f"convert (pass a checkpoint directory as the model, or --path {DUMMY_MARK} for dummy weights)")
-        expected = {f: shape for layer in self.layers for w in layer.weights for f, shape in w.files()}
         weight_io.convert_checkpoint(source, cache_dir, expected=expected,
                                      dtype=np.float32 if wide else np.float16)
         return cache_dir
