@@ -4,6 +4,7 @@
 prefill: first the hot spots of a prefill alone (generate of one token, reusing the warm-up's
 cache memory; the next call's cache is fresh); no-kernels: no torch.profiler."""
 import cProfile
+import os
 import pstats
 import sys
 import tempfile
@@ -42,4 +43,4 @@ if "no-kernels" in flags:
     sys.exit(0)
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
     lm.generate(ids, max_new_tokens=4)
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ.get("ROWS", "15"))))
