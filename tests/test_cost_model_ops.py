@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flexgen.cli import project_decode_latency
+from flexgen.engine import triton_decode
 from flexgen.models.registry import resolve_model
 from flexgen.optimizer import cost_model as cm
 from flexgen.optimizer.cost_model import DEFAULT_PROFILE, Grid, Workload, evaluate, predict
@@ -72,12 +73,13 @@ def test_a_layer_that_cannot_run_on_meta_gets_the_mean():
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
-def test_meta_counts_equal_counts_on_real_tensors(family):
+def test_meta_counts_equal_counts_on_real_tensors(family, monkeypatch):
     """What the forwards issue on meta tensors is what they issue on real CPU tensors (of the
     same dtype: conversions to float32 are no operation on float32 inputs), except where a GPU
     runs fewer: meta counts LLaMA's RMSNorm as the one kernel a GPU runs, the CPU runs HF's eight
     operations in HF's order (one RMSNorm in each attention, MLP and head layer), and a decode
     softmax in half precision on the CPU goes through float32 (a cast in and out per attention)."""
+    monkeypatch.setitem(triton_decode._STATE, "ok", False)   # the GPU's decode kernel: the next test
     layers = _tiny(family).layers()
     norms = [int(family == "llama" and layer.kind in ("attention", "mlp", "head")) for layer in layers]
     for seq in (1, 5):
@@ -87,15 +89,38 @@ def test_meta_counts_equal_counts_on_real_tensors(family):
         assert once == cpu_once and cpu == [m + 7 * n + 2 * c for m, n, c in zip(meta, norms, casts)]
 
 
+@pytest.mark.skipif(triton_decode.triton is None, reason="the kernel needs Triton (a test dependency)")
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_decode_attention_kernel_counts_as_one_operation(family, monkeypatch):
+    """Meta tensors count a decode step's attention core as the one operator a GPU runs (Triton's
+    two kernels) in place of the matmul path's operations; prefill and the other layers unchanged."""
+    layers = _tiny(family).layers()
+    attn = [layer.kind == "attention" for layer in layers]
+    for seq in (1, 5):
+        with_kernel = count_layer_ops(layers, seq)
+        monkeypatch.setitem(triton_decode._STATE, "ok", False)
+        matmuls = count_layer_ops(layers, seq)
+        monkeypatch.setitem(triton_decode._STATE, "ok", True)
+        if seq > 1:
+            assert with_kernel == matmuls
+            continue
+        assert with_kernel[1] == matmuls[1]
+        assert all((a < b) if is_attn else (a == b) for a, b, is_attn in zip(with_kernel[0], matmuls[0], attn))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_meta_counts_what_the_gpu_issues(family):
     """On CUDA in fp16 the forwards issue exactly what meta counts (fused RMSNorm included): the
     cost model's host term then counts the kernels a GPU run launches."""
+    from flexgen.optimizer import op_count
     layers = _tiny(family).layers()
     for seq in (1, 5):
-        assert count_layer_ops(layers, seq) == count_layer_ops(layers, seq, device="cuda", dtype=torch.float16,
-                                                               fused_as_one=False)
+        meta = count_layer_ops(layers, seq)
+        meta_names = list(op_count.LAST_NAMES)
+        cuda = count_layer_ops(layers, seq, device="cuda", dtype=torch.float16, fused_as_one=False)
+        diff = [(dict(m - c), dict(c - m)) for m, c in zip(meta_names, op_count.LAST_NAMES) if m != c]
+        assert meta == cuda, (seq, diff)
 
 
 def test_reference_host_cost_reproduces_p4():

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import triton_decode
+
 
 def _expand_kv(x, n_rep):
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
@@ -39,10 +41,13 @@ def in_window(valid: torch.Tensor, window: int | None) -> torch.Tensor:
     return out
 
 
-def attend(q, k, v, valid, scale, sparsity: float = 1.0, invalid=None, window: int | None = None):
+def attend(q, k, v, valid, scale, sparsity: float = 1.0, invalid=None, window: int | None = None,
+           unpadded: bool = False):
     """invalid (= ~valid) may be passed in when the caller has it, to save a kernel per layer.
     window: sliding-window attention (positions are columns: the left padding is all before the
-    real tokens, so column distance is token distance)."""
+    real tokens, so column distance is token distance). unpadded: the caller knows every position
+    is real, so a GPU prefill runs the mask-free causal kernel (FlashAttention); the CPU keeps the
+    masked call, whose float32 results the tests compare with transformers."""
     b, s, heads, d = q.shape
     if s == 1 and window is not None and window < valid.shape[1]:
         valid, invalid = in_window(valid, window), None
@@ -56,7 +61,11 @@ def attend(q, k, v, valid, scale, sparsity: float = 1.0, invalid=None, window: i
         out = _sparse_decode(qh, kh, vh, valid, scale, sparsity)
     else:
         with _prefill_backends():
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attention_mask(valid, s, window), scale=scale)
+            if unpadded and window is None and s == k.shape[1] and q.is_cuda:
+                out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+            else:
+                out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attention_mask(valid, s, window),
+                                                     scale=scale)
     return out.transpose(1, 2)
 
 
@@ -72,8 +81,15 @@ def _prefill_backends():
 
 
 def _dense_decode(q, k, v, invalid, scale):
-    """One query per sequence: plain batched matmuls, with the query heads of a KV group side by
-    side so grouped-query attention needs no copy of the cache per head."""
+    """One query per sequence: on a GPU one pass over the cache (triton_decode); else plain batched
+    matmuls, with the query heads of a KV group side by side so grouped-query attention needs no
+    copy of the cache per head."""
+    if triton_decode.usable(q, k, v):
+        return triton_decode.attend(q, k, v, invalid, scale, _matmul_decode)
+    return _matmul_decode(q, k, v, invalid, scale)
+
+
+def _matmul_decode(q, k, v, invalid, scale):
     b, _, heads, d = q.shape
     kv_heads = k.shape[2]
     if scale != 1.0:

@@ -180,6 +180,7 @@ class BlockRunner:
         valid = blk.mask[:, :cur]
         positions = (valid.long().cumsum(-1) * valid - 1)[:, start:cur]
         step = _Step(i, start, cur, blk.out, valid, positions, gbs)
+        step.unpadded = blk.unpadded
         # A GPU batch whose sequences have all stopped costs nothing more.
         step.skip = blk.finished_batches(ngb) if i > 0 else set()
         if self.layers[0].kind != "embed":
@@ -296,7 +297,8 @@ class BlockRunner:
                 pending_cache[(li, k)] = self.io.store(lambda: cache.store_rest(rows, step.start),
                                                        cache.stores_to_disk, rows.tensors())
             if step.i == 0:
-                return attention_core(q, k_new, v_new, valid, scale, sparsity, window=window)
+                return attention_core(q, k_new, v_new, valid, scale, sparsity, window=window,
+                                      unpadded=step.unpadded[k])
             seen, unseen = valid, invalid
             if window is not None and window < valid.shape[1]:
                 seen = in_window(valid, window)
@@ -413,6 +415,10 @@ class _Block:
         self.out[:, :s0] = torch.as_tensor(ids, device=dev)
         self.mask = torch.ones((B, s0 + T), dtype=torch.bool, device=dev)
         self.mask[:, :s0] = torch.as_tensor(prompt_mask, device=dev)
+        # GPU batches whose prompts have no padding: their prefill attention is plain causal (known
+        # on the host, so choosing the mask-free kernel costs no sync)
+        pm = np.asarray(prompt_mask, dtype=bool)
+        self.unpadded = [bool(pm[a:a + gbs].all()) for a in range(0, B, gbs)]
         self.stopped = torch.zeros(B, dtype=torch.bool, device=dev)
         self.stop_t = torch.as_tensor(sorted(stop_ids), device=dev) if stop_ids else None
         self.logprobs = torch.zeros((B, T), dtype=torch.float32, device=dev) if want_logprobs else None

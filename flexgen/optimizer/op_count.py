@@ -15,6 +15,7 @@ packed parts of each segment, and unpacking a packed segment for attention.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..models.base import StepContext
 
+LAST_NAMES: list = []   # count_layer_ops's last pass: operators counted per layer
 _B, _PAST = 2, 8     # the count does not depend on sizes; small ones keep shape checks cheap
 
 
@@ -33,6 +35,7 @@ class _Counter(TorchDispatchMode):
         super().__init__()
         self.n = 0
         self.paused = False
+        self.names = Counter()   # what was counted, by operator (a test shows it when counts differ)
 
     def __enter__(self):
         _Counter.active.append(self)
@@ -45,6 +48,7 @@ class _Counter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self.paused:
             self.n += 1
+            self.names[str(func)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -138,7 +142,7 @@ def count_layer_ops(layers, seq: int = 1, device="meta", dtype=torch.float16,
         return StepContext(input_ids=torch.zeros((_B, seq), dtype=torch.long, device=device),
                            positions=torch.arange(seq, device=device).repeat(_B, 1),
                            attend=_attend_like_the_engine(seq, device))
-    passes = []
+    passes, names = [], []
     # a first step fills what a family keeps across steps (tables moved to the device once), then
     # a step's first pass (with its once-per-step values) and a second pass in the same context
     for ctx in (new_ctx(),) + (new_ctx(),) * 2:
@@ -159,10 +163,12 @@ def count_layer_ops(layers, seq: int = 1, device="meta", dtype=torch.float16,
                 counts.append(None)
                 continue
             counts.append(mode.n)
+            names.append(mode.names)
             if layer.kind != "head" and isinstance(out, torch.Tensor):
                 hidden = out
         passes.append(counts)
     _, first, steady = passes
+    LAST_NAMES[:] = names[-len(steady):]
     once = sum(a - b for a, b in zip(first, steady) if a is not None and b is not None)
     return steady, once
 
