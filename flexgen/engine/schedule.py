@@ -73,6 +73,7 @@ class BlockRunner:
             else:
                 self.stages.append([idx])
         self.timings = new_timings()
+        self._step_events = []             # (decode step index, start, end) of steps not waited for
         self.graphs = DecodeGraphs(self)   # decode steps as CUDA graphs, where the block allows
 
     def close(self):
@@ -172,8 +173,18 @@ class BlockRunner:
         t0 = time.perf_counter()
         self._cpu_attn_s = self._gpu_wait_s = 0.0
         if i > 0 and state.graphs is not None:   # the whole step from static buffers (engine/graphs.py)
+            # no wait for the device: the host queues the next step while this one runs (a step
+            # needs nothing back from the GPU); CUDA events time it, read when the block closes
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
             state.graphs.step(blk, i, blk.finished_batches(ngb))
-            return self._step_done(i, t0)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._step_events.append((len(self.timings["decode"]), start, end))
+            self.timings["decode"].append(0.0)
+            self.timings["cpu_attention"].append(0.0)
+            self.timings["gpu_wait"].append(0.0)
+            return None
         s0 = blk.s0
         start = 0 if i == 0 else s0 + i - 1
         cur = s0 if i == 0 else s0 + i
@@ -203,10 +214,19 @@ class BlockRunner:
             self.timings["gpu_wait"].append(self._gpu_wait_s)
         return out
 
+    def _read_step_events(self):
+        """The decode steps' device times, from the events their steps recorded."""
+        for idx, start, end in self._step_events:
+            end.synchronize()
+            if idx < len(self.timings["decode"]):
+                self.timings["decode"][idx] = start.elapsed_time(end) / 1e3
+        self._step_events = []
+
     def close_block(self, state: "BlockState", completed: bool):
         """Free the block's caches and activations; with completed, first wait for the cache
         stores still in flight (a failed block's buffers are dropped, not reused)."""
         try:
+            self._read_step_events()
             if completed:
                 for f in state.pending_cache.values():
                     f.wait_host()

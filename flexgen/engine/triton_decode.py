@@ -28,7 +28,7 @@ except ImportError:  # CPU-only installs: the PyTorch path serves
     triton = None
 
 _STATE = {"checked": False, "ok": triton is not None}
-BLOCK_S = 64
+BLOCK_S = 32         # positions per iteration: measured on the H200 (benchmarks/decode_attention_bench.py)
 _ROWS = 16           # query rows of a program, padded: tl.dot wants at least 16
 _PROGRAMS = 528      # ~4 per SM of an H100/H200: enough ranges to keep every SM reading
 _WARPS = 4
