@@ -172,6 +172,9 @@ class BlockRunner:
         env, blk, gbs, ngb = self.env, state.blk, self.policy.gpu_batch_size, self.policy.num_gpu_batches
         t0 = time.perf_counter()
         self._cpu_attn_s = self._gpu_wait_s = 0.0
+        if i > 0 and state.graphs is not None and not env.is_cuda:   # the static step, uncaptured
+            state.graphs.step(blk, i, blk.finished_batches(ngb))
+            return self._step_done(i, t0)
         if i > 0 and state.graphs is not None:   # the whole step from static buffers (engine/graphs.py)
             # no wait for the device: the host queues the next step while this one runs (a step
             # needs nothing back from the GPU); CUDA events time it, read when the block closes
