@@ -43,11 +43,12 @@ GQA_CPU_SLOWDOWN_REP4 = 0.333 / 0.143   # see Rates.gqa_slowdown4
 # -12%), N4 (H200, session 4: -1%); L3A (+2%) was not in the fit.
 CACHE_OP_RATIO = 1.8
 # A decode step replayed from CUDA graphs (engine/graphs.py) has no host work to speak of, but its
-# ~2,000 small kernels still run back to back: P4 (OPT-6.7B, batch 8, all on the GPU, H200,
-# 2026-12-02 session 5, benchmarks/cuda_graph_check.py) took 6.21 ms a step for 1,970 counted
-# operations, where the model's traffic and FLOPs alone give 3.78 ms. Seconds per counted
-# operation of a replayed step, the floor that step cannot go under (one point so far).
-GRAPH_OP_S = 6.21e-3 / 1970
+# small kernels still run one after another between the big GEMMs: seconds per counted operation
+# of a replayed step, added to its traffic and FLOPs. Fitted on P4 (OPT-6.7B, batch 8, all on the
+# GPU, H200, 2026-12-02 session 7, benchmarks/cuda_graph_check.py): 5.78 ms a step for 1,225
+# counted operations (the Triton decode attention counted as one), 3.78 ms of it traffic; the same
+# constant gives V1 (batch 32) 7.40 ms for 7.47 measured and LLaMA-3-8B batch 8 6.33 for 6.20.
+GRAPH_OP_S = (5.78e-3 - 3.78e-3) / 1225
 
 # Used when no profile is given and none is cached: H100 figures from ../shared/DESIGN.md
 # (copies, fp16 matmul, CPU matmul). HBM bandwidth, disk and CPU attention/dequantisation rates are
@@ -537,7 +538,9 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                 af = act_frac[m]
                 act_t = k * g * hid * ((af[:, 1] + af[:, 2]) * (1 / rates.h2d_pinned + 1 / rates.d2h) +
                                        af[:, 2] * (1 / rates.disk_read + 1 / rates.disk_write))
-                compute = np.maximum(dev, host) + cpu_t + act_t
+                # a replayed graph's small kernels run between the big ones, not beside them
+                replayed = graph[m] if not prefill else False
+                compute = np.where(replayed, dev + host, np.maximum(dev, host)) + cpu_t + act_t
                 parts.append((w_h2d, w_disk, h2d, d2h, disk, compute))
             # With overlap the next stage's weights load while this stage computes (and its GPU
             # batches' caches load one batch ahead, within the stage): a stage lasts as long as
