@@ -3,8 +3,11 @@ matmul path it replaces, on the cache layout the CUDA-graph decode reads ((capac
 rows, attended through a permute), fp16. Each variant runs 32 times (one call per layer) inside a
 CUDA graph, replayed 50 times: microseconds per call, the cache bytes read per call over that time,
 and a plain copy of the same bytes for the memory's speed. Largest difference between the two.
-Usage: PYTHONPATH=. python3 benchmarks/decode_attention_bench.py [--shapes P4 V1 L8 O30]"""
+--eager: also the host time of one call outside a graph (as eager decode steps launch it), and
+how many variants of the kernels a generation's growing cache compiles (one per head layout).
+Usage: PYTHONPATH=. python3 benchmarks/decode_attention_bench.py [--shapes P4 V1 L8 O30] [--eager]"""
 import argparse
+import time
 
 import torch
 
@@ -39,10 +42,27 @@ def timed(fn, layers=32, reps=50):
     return a.elapsed_time(b) * 1e3 / (reps * layers)
 
 
+def host_us(fn, calls=256):
+    """Host microseconds per call, queued back to back without waiting (an eager decode step)."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return host * 1e6 / calls
+
+
+def compiled_variants(kernel) -> int:
+    return sum(len(c[0]) for c in kernel.device_caches.values())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--sweep", action="store_true", help="also time the kernel's block, programs and warps")
+    ap.add_argument("--eager", action="store_true", help="host time per eager call; variants compiled")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"{'id':4} {'b':>3} {'h':>3} {'kv':>3} {'S':>4} {'MB':>7} | {'copy us':>8} {'TB/s':>5} | "
@@ -65,6 +85,15 @@ def main():
         print(f"{sid:4} {b:3} {h:3} {g:3} {S:4} {nbytes / 1e6:7.1f} | {t_copy:8.1f} {2 * nbytes / t_copy / 1e6:5.2f} | "
               f"{t_mm:9.1f} {nbytes / t_mm / 1e6:5.2f} | {t_tr:9.1f} {nbytes / t_tr / 1e6:5.2f} | "
               f"{t_mm / t_tr:7.2f}x {diff.item():9.2e}")
+        if args.eager:
+            op = lambda: TD.decode_attention(q, k, v, inv, scale)  # noqa: E731
+            print(f"     eager host us per call: matmul path {host_us(lambda: _matmul_decode(q, k, v, inv, scale)):.1f}, "
+                  f"custom op {host_us(op):.1f}, launch alone {host_us(lambda: TD._launch(q, k, v, inv, scale)):.1f}")
+            before = compiled_variants(TD._ranges_kernel), compiled_variants(TD._merge_kernel)
+            for n in range(S - 64, S + 1, 7):   # a cache growing over 64 positions, as steps do
+                TD._launch(q, k[:, :n], v[:, :n], inv[:, :n], scale)
+            after = compiled_variants(TD._ranges_kernel), compiled_variants(TD._merge_kernel)
+            print(f"     kernel variants compiled (ranges, merge) before/after 10 cache lengths: {before} / {after}")
         if args.sweep:
             best = []
             default = (TD.BLOCK_S, TD._PROGRAMS, TD._WARPS)

@@ -20,6 +20,8 @@
 #               per-step latencies printed), then benchmarks/check_cost_model.py over it (and cap12's runs)
 #   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
 #               time) and the compression tests on the GPU
+#   eager12     eager decode steps with the Triton attention and without (FLEXGEN_TRITON_DECODE=0): N9 N2 N3,
+#               with the attention kernel's eager host time and compiled variants; the model over both
 # At most 8 files come back from $OUT: each part writes one; run logs stay in /tmp/benchlogs.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -91,6 +93,15 @@ for part in "$@"; do
       # the current model re-predicting every run from this call's profile (P3 and L3A when cap12 ran too)
       cat "$OUT/validate12.txt" $( [ -f "$OUT/cap12.txt" ] && echo "$OUT/cap12.txt" ) > /tmp/benchlogs/all12.txt
       python3 benchmarks/check_cost_model.py /tmp/benchlogs/all12.txt "$OUT/profile.json" ;;
+    eager12)
+      python3 benchmarks/decode_attention_bench.py --shapes P4 V1 L8 --eager > "$OUT/attn_eager.txt" 2>&1
+      cat "$OUT/attn_eager.txt"
+      for tr in 1 0; do
+        FLEXGEN_TRITON_DECODE=$tr bench N9 N2 N3 --timeout 120 --extra "--cut-gen-len 6 --debug-mode breakdown" \
+          > "$OUT/eager_triton$tr.txt" 2>&1
+        echo "-- FLEXGEN_TRITON_DECODE=$tr"; grep "per-step latency" "$OUT/eager_triton$tr.txt"
+        python3 benchmarks/check_cost_model.py "$OUT/eager_triton$tr.txt" "$OUT/profile.json" | tail -5
+      done ;;
     cache12)
       # the fused compressed-cache write against the per-segment one it replaced: identical bytes, host time
       { python3 benchmarks/cache_write_bench.py --percents 50 50 0

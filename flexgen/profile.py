@@ -232,6 +232,9 @@ def profile_host_op(device: str, quick: bool) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         env = ExecutionEnv(device, tmp)
+        # eager steps: a replayed CUDA graph has no per-operation host cost to measure (the cost
+        # model has its own figure for those, cost_model.GRAPH_OP_S)
+        env.cuda_graphs = False
         try:
             for name, cfg in probes.items():
                 lm_class = type(f"Probe{name}", (LM,), {"family_name": name})

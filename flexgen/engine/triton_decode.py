@@ -34,11 +34,13 @@ _PROGRAMS = 528      # ~4 per SM of an H100/H200: enough ranges to keep every SM
 _WARPS = 4
 
 if triton is not None:
-    @triton.jit
+    # The cache length and its split change as a generation proceeds: they are plain arguments,
+    # not specialised on, so a process compiles each kernel once per head layout, not per step.
+    @triton.jit(do_not_specialize=["S", "skb", "svb", "sib", "per_split", "splits"])
     def _ranges_kernel(q_ptr, k_ptr, v_ptr, inv_ptr, acc_ptr, m_ptr, l_ptr, S, G, scale,
-                       sqb, sqh, skb, sks, skg, svb, svs, svg, sib,
+                       sqb, sqh, skb, sks, skg, svb, svs, svg, sib, per_split, splits,
                        REP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
-                       BLOCK: tl.constexpr, PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr):
+                       BLOCK: tl.constexpr):
         bg = tl.program_id(0)
         split = tl.program_id(1)
         b = bg // G
@@ -51,8 +53,8 @@ if triton is not None:
         m = tl.full((ROWS,), -1.0e38, tl.float32)   # finite: a range of padding only leaves weights 0
         l = tl.zeros((ROWS,), tl.float32)
         acc = tl.zeros((ROWS, DP), tl.float32)
-        for j in range(PER_SPLIT):
-            s = (split * PER_SPLIT + j) * BLOCK + tl.arange(0, BLOCK)
+        for j in range(per_split):
+            s = (split * per_split + j) * BLOCK + tl.arange(0, BLOCK)
             smask = s < S
             kv_mask = smask[:, None] & dmask[None, :]
             k = tl.load(k_ptr + b * skb + s[:, None] * sks + g * skg + d[None, :], mask=kv_mask, other=0.0)
@@ -66,27 +68,26 @@ if triton is not None:
             v = tl.load(v_ptr + b * svb + s[:, None] * svs + g * svg + d[None, :], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
-        row = (bg * SPLITS + split) * ROWS + r
+        row = (bg * splits + split) * ROWS + r
         tl.store(m_ptr + row, m)
         tl.store(l_ptr + row, l)
         tl.store(acc_ptr + row[:, None] * DP + d[None, :], acc)
 
-    @triton.jit
-    def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, G, sob, soh,
-                      REP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
-                      SPLITS: tl.constexpr):
+    @triton.jit(do_not_specialize=["sob", "splits"])
+    def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, G, sob, soh, splits,
+                      REP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr):
         bg = tl.program_id(0)
         b = bg // G
         g = bg % G
         r = tl.arange(0, ROWS)
         d = tl.arange(0, DP)
         top = tl.full((ROWS,), -1.0e38, tl.float32)
-        for s in range(SPLITS):
-            top = tl.maximum(top, tl.load(m_ptr + (bg * SPLITS + s) * ROWS + r))
+        for s in range(splits):
+            top = tl.maximum(top, tl.load(m_ptr + (bg * splits + s) * ROWS + r))
         total = tl.zeros((ROWS,), tl.float32)
         acc = tl.zeros((ROWS, DP), tl.float32)
-        for s in range(SPLITS):
-            row = (bg * SPLITS + s) * ROWS + r
+        for s in range(splits):
+            row = (bg * splits + s) * ROWS + r
             w = tl.exp(tl.load(m_ptr + row) - top)
             total += w * tl.load(l_ptr + row)
             acc += w[:, None] * tl.load(acc_ptr + row[:, None] * DP + d[None, :])
@@ -120,10 +121,9 @@ def _launch(q, k, v, invalid, scale):
     _ranges_kernel[(b * g, splits)](
         q3, k, v, inv, acc, m, l, S, g, float(scale),
         q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        inv.stride(0), REP=rep, D=d, DP=dp, ROWS=_ROWS, BLOCK=BLOCK_S, PER_SPLIT=per, SPLITS=splits,
-        num_warps=_WARPS)
-    _merge_kernel[(b * g,)](acc, m, l, out, g, out.stride(0), out.stride(2),
-                            REP=rep, D=d, DP=dp, ROWS=_ROWS, SPLITS=splits)
+        inv.stride(0), per, splits, REP=rep, D=d, DP=dp, ROWS=_ROWS, BLOCK=BLOCK_S, num_warps=_WARPS)
+    _merge_kernel[(b * g,)](acc, m, l, out, g, out.stride(0), out.stride(2), splits,
+                            REP=rep, D=d, DP=dp, ROWS=_ROWS)
     return out
 
 
