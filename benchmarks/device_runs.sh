@@ -16,7 +16,7 @@
 #   cap12       issue 12 under a hard 24 GiB GPU cap (--gpu-mem, no PYTORCH_CUDA_ALLOC_CONF given): P3 and a
 #               LLaMA-3-70B-shaped model with --percent auto, to the end; then a forced policy that cannot
 #               fit (must end with one `error: out of GPU memory` line, exit 2)
-#   validate12  issue 12's fresh validation set N1-N11 (decode projected from 6 steps as FlexGen does;
+#   validate12  issue 12's fresh validation set N1-N11 and P3 under its 24 GiB cap (decode projected from 6 steps as FlexGen does;
 #               per-step latencies printed), then benchmarks/check_cost_model.py over it (and cap12's runs)
 #   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
 #               time) and the compression tests on the GPU
@@ -86,7 +86,7 @@ for part in "$@"; do
       env -u PYTORCH_CUDA_ALLOC_CONF python3 benchmarks/bench.py P3 L3A --timeout 420 --out /tmp/benchlogs \
         > "$OUT/cap12.txt" 2>&1; show "$OUT/cap12.txt"; grep -E "reserved" "$OUT/cap12.txt"; tail -3 "$OUT/cap12.txt" ;;
     validate12)
-      bench N1 N2 N3 N4 N10 N5 N9 N6 N11 --timeout 120 --extra "--cut-gen-len 6 --debug-mode breakdown" \
+      bench N1 N2 N3 N4 N10 N5 N9 N6 N11 P3 --timeout 150 --extra "--cut-gen-len 6 --debug-mode breakdown" \
         > "$OUT/validate12.txt" 2>&1
       show "$OUT/validate12.txt" | grep -v "host memory held"; grep "per-step latency" "$OUT/validate12.txt"
       tail -12 "$OUT/validate12.txt"

@@ -73,13 +73,12 @@ def test_a_layer_that_cannot_run_on_meta_gets_the_mean():
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
-def test_meta_counts_equal_counts_on_real_tensors(family, monkeypatch):
+def test_meta_counts_equal_counts_on_real_tensors(family):
     """What the forwards issue on meta tensors is what they issue on real CPU tensors (of the
     same dtype: conversions to float32 are no operation on float32 inputs), except where a GPU
     runs fewer: meta counts LLaMA's RMSNorm as the one kernel a GPU runs, the CPU runs HF's eight
     operations in HF's order (one RMSNorm in each attention, MLP and head layer), and a decode
     softmax in half precision on the CPU goes through float32 (a cast in and out per attention)."""
-    monkeypatch.setitem(triton_decode._STATE, "ok", False)   # the GPU's decode kernel: the next test
     layers = _tiny(family).layers()
     norms = [int(family == "llama" and layer.kind in ("attention", "mlp", "head")) for layer in layers]
     for seq in (1, 5):
@@ -91,16 +90,17 @@ def test_meta_counts_equal_counts_on_real_tensors(family, monkeypatch):
 
 @pytest.mark.skipif(triton_decode.triton is None, reason="the kernel needs Triton (a test dependency)")
 @pytest.mark.parametrize("family", ["opt", "llama"])
-def test_decode_attention_kernel_counts_as_one_operation(family, monkeypatch):
-    """Meta tensors count a decode step's attention core as the one operator a GPU runs (Triton's
-    two kernels) in place of the matmul path's operations; prefill and the other layers unchanged."""
+def test_decode_attention_kernel_counts_as_one_operation(family):
+    """Inside a graph step (triton_decode.for_graphs) meta tensors count a decode step's attention
+    core as the one operator a GPU runs (Triton's two kernels) in place of the matmul path's
+    operations, which eager steps (and the cost model's count) run; prefill and the other layers
+    unchanged."""
     layers = _tiny(family).layers()
     attn = [layer.kind == "attention" for layer in layers]
     for seq in (1, 5):
-        with_kernel = count_layer_ops(layers, seq)
-        monkeypatch.setitem(triton_decode._STATE, "ok", False)
+        with triton_decode.for_graphs():
+            with_kernel = count_layer_ops(layers, seq)
         matmuls = count_layer_ops(layers, seq)
-        monkeypatch.setitem(triton_decode._STATE, "ok", True)
         if seq > 1:
             assert with_kernel == matmuls
             continue
@@ -111,8 +111,8 @@ def test_decode_attention_kernel_counts_as_one_operation(family, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_meta_counts_what_the_gpu_issues(family):
-    """On CUDA in fp16 a decode step's forwards issue exactly what meta counts (fused RMSNorm and the
-    Triton decode attention included): the cost model's host term counts the kernels a GPU launches."""
+    """On CUDA in fp16 an eager decode step's forwards issue exactly what meta counts (fused RMSNorm
+    included): the cost model's host term counts the kernels a GPU launches."""
     from flexgen.optimizer import op_count
     layers = _tiny(family).layers()
     # decode only: a prefill's attention core is counted from the CPU's SDPA (see op_count), which

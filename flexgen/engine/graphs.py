@@ -40,6 +40,7 @@ import torch
 
 from ..models.base import StepContext
 from ..policy import PolicyError
+from . import triton_decode
 from .attention import attend as attention_core
 
 ENV_VAR = "FLEXGEN_CUDA_GRAPHS"
@@ -154,13 +155,15 @@ class DecodeGraphs:
                 b.mask.copy_(blk.mask[b0:b1])
                 self.fresh.discard(k)
             b.ids.copy_(blk.out[b0:b1, cur - 1:cur])
-            if not self.capture:
-                logits = self._forward(k, b)
-            elif b.graph is None:
-                logits = self._capture(k, b)
-            else:
-                b.graph.replay()
-                logits = b.logits
+            # the static step runs what its graph records, captured or not (the same kernels)
+            with triton_decode.for_graphs():
+                if not self.capture:
+                    logits = self._forward(k, b)
+                elif b.graph is None:
+                    logits = self._capture(k, b)
+                else:
+                    b.graph.replay()
+                    logits = b.logits
             blk.emit(logits, k, i)
 
     def _forward(self, k, b):

@@ -9,13 +9,20 @@ an online softmax in float32, and a second kernel merges the ranges: two kernels
 at streaming speed whatever its strides (the CUDA-graph path attends over (capacity, b, kv, d)
 rows in place).
 
-It is one operator (`flexgen::decode_attention`) with a meta implementation, so the cost model's
-operation count on meta tensors counts it as what a GPU runs. The PyTorch path stays the reference:
+It serves CUDA-graph decode steps only (inside `for_graphs()`, engine/graphs.py): a replay pays
+nothing per launch, while an eager step would pay Triton's Python launcher (~78 us a call on the
+H200, more than the matmul path's five operators) and, in its first step, a JIT compile of several
+seconds (measured 2026-12-03: N9's first decode step 5.6 s against 0.32). Eager steps, and the cost
+model's operation count on meta tensors, take the PyTorch path.
+
+It is one operator (`flexgen::decode_attention`) with a meta implementation (tests count it on
+meta tensors inside `for_graphs()`). The PyTorch path stays the reference:
 the kernel is checked against it once per process before it is trusted (a mismatch or a Triton
 failure falls back, with a warning); tests run it under Triton's CPU interpreter.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -27,20 +34,18 @@ try:
 except ImportError:  # CPU-only installs: the PyTorch path serves
     triton = None
 
-_STATE = {"checked": False, "ok": triton is not None}
+_STATE = {"checked": False, "ok": triton is not None, "graphs": False}
 BLOCK_S = 32         # positions per iteration: measured on the H200 (benchmarks/decode_attention_bench.py)
 _ROWS = 16           # query rows of a program, padded: tl.dot wants at least 16
 _PROGRAMS = 528      # ~4 per SM of an H100/H200: enough ranges to keep every SM reading
 _WARPS = 4
 
 if triton is not None:
-    # The cache length and its split change as a generation proceeds: they are plain arguments,
-    # not specialised on, so a process compiles each kernel once per head layout, not per step.
-    @triton.jit(do_not_specialize=["S", "skb", "svb", "sib", "per_split", "splits"])
+    @triton.jit
     def _ranges_kernel(q_ptr, k_ptr, v_ptr, inv_ptr, acc_ptr, m_ptr, l_ptr, S, G, scale,
-                       sqb, sqh, skb, sks, skg, svb, svs, svg, sib, per_split, splits,
+                       sqb, sqh, skb, sks, skg, svb, svs, svg, sib,
                        REP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr):
         bg = tl.program_id(0)
         split = tl.program_id(1)
         b = bg // G
@@ -53,8 +58,8 @@ if triton is not None:
         m = tl.full((ROWS,), -1.0e38, tl.float32)   # finite: a range of padding only leaves weights 0
         l = tl.zeros((ROWS,), tl.float32)
         acc = tl.zeros((ROWS, DP), tl.float32)
-        for j in range(per_split):
-            s = (split * per_split + j) * BLOCK + tl.arange(0, BLOCK)
+        for j in range(PER_SPLIT):
+            s = (split * PER_SPLIT + j) * BLOCK + tl.arange(0, BLOCK)
             smask = s < S
             kv_mask = smask[:, None] & dmask[None, :]
             k = tl.load(k_ptr + b * skb + s[:, None] * sks + g * skg + d[None, :], mask=kv_mask, other=0.0)
@@ -68,26 +73,27 @@ if triton is not None:
             v = tl.load(v_ptr + b * svb + s[:, None] * svs + g * svg + d[None, :], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
-        row = (bg * splits + split) * ROWS + r
+        row = (bg * SPLITS + split) * ROWS + r
         tl.store(m_ptr + row, m)
         tl.store(l_ptr + row, l)
         tl.store(acc_ptr + row[:, None] * DP + d[None, :], acc)
 
-    @triton.jit(do_not_specialize=["sob", "splits"])
-    def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, G, sob, soh, splits,
-                      REP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr):
+    @triton.jit
+    def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, G, sob, soh,
+                      REP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, ROWS: tl.constexpr,
+                      SPLITS: tl.constexpr):
         bg = tl.program_id(0)
         b = bg // G
         g = bg % G
         r = tl.arange(0, ROWS)
         d = tl.arange(0, DP)
         top = tl.full((ROWS,), -1.0e38, tl.float32)
-        for s in range(splits):
-            top = tl.maximum(top, tl.load(m_ptr + (bg * splits + s) * ROWS + r))
+        for s in range(SPLITS):
+            top = tl.maximum(top, tl.load(m_ptr + (bg * SPLITS + s) * ROWS + r))
         total = tl.zeros((ROWS,), tl.float32)
         acc = tl.zeros((ROWS, DP), tl.float32)
-        for s in range(splits):
-            row = (bg * splits + s) * ROWS + r
+        for s in range(SPLITS):
+            row = (bg * SPLITS + s) * ROWS + r
             w = tl.exp(tl.load(m_ptr + row) - top)
             total += w * tl.load(l_ptr + row)
             acc += w[:, None] * tl.load(acc_ptr + row[:, None] * DP + d[None, :])
@@ -121,9 +127,10 @@ def _launch(q, k, v, invalid, scale):
     _ranges_kernel[(b * g, splits)](
         q3, k, v, inv, acc, m, l, S, g, float(scale),
         q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        inv.stride(0), per, splits, REP=rep, D=d, DP=dp, ROWS=_ROWS, BLOCK=BLOCK_S, num_warps=_WARPS)
-    _merge_kernel[(b * g,)](acc, m, l, out, g, out.stride(0), out.stride(2), splits,
-                            REP=rep, D=d, DP=dp, ROWS=_ROWS)
+        inv.stride(0), REP=rep, D=d, DP=dp, ROWS=_ROWS, BLOCK=BLOCK_S, PER_SPLIT=per, SPLITS=splits,
+        num_warps=_WARPS)
+    _merge_kernel[(b * g,)](acc, m, l, out, g, out.stride(0), out.stride(2),
+                            REP=rep, D=d, DP=dp, ROWS=_ROWS, SPLITS=splits)
     return out
 
 
@@ -140,12 +147,23 @@ def _(q, k, v, invalid, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+@contextlib.contextmanager
+def for_graphs():
+    """Decode attention inside runs the kernel: a CUDA-graph step's warm-up and its capture."""
+    before = _STATE["graphs"]
+    _STATE["graphs"] = True
+    try:
+        yield
+    finally:
+        _STATE["graphs"] = before
+
+
 def usable(q, k, v) -> bool:
-    """The kernel serves this call: Triton present, not found wrong in this process, a GPU (or
-    meta tensors, counting what a GPU runs; or the interpreter in tests), and layouts it reads."""
+    """The kernel serves this call: inside `for_graphs()`, Triton present, not found wrong in this
+    process, a GPU (or meta tensors; or the interpreter in tests), and layouts it reads."""
     dev = q.device.type
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return (_STATE["ok"] and (dev in ("cuda", "meta") or interpret) and q.shape[1] == 1
+    return (_STATE["ok"] and _STATE["graphs"] and (dev in ("cuda", "meta") or interpret) and q.shape[1] == 1
             and k.stride(-1) == 1 and v.stride(-1) == 1 and q.stride(-1) == 1
             and q.shape[2] // k.shape[2] <= _ROWS and os.environ.get("FLEXGEN_TRITON_DECODE", "1") != "0")
 

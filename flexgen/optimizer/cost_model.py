@@ -8,6 +8,7 @@ not grow with the number of layers.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -170,22 +171,26 @@ def reference_host_op_s(is_cuda: bool) -> float:
 def host_ops(family) -> dict:
     """Aten operations per layer type (aligned with _layer_types) of a decode step (`decode`) and
     a prefill (`prefill`) for one GPU batch, and those issued once per step and GPU batch
-    (`decode_once`, `prefill_once`); counted once per family object (op_count.py). A layer whose
+    (`decode_once`, `prefill_once`); `decode_graph` and `decode_graph_once` for a decode step as a
+    CUDA graph records it (the Triton decode attention); counted once per family object
+    (op_count.py). A layer whose
     forward cannot be counted (data-dependent routing) gets the mean of this model's counted
     layers."""
     cached = getattr(family, "_host_ops", None)
     if cached is not None:
         return cached
+    from ..engine.triton_decode import for_graphs
     from .op_count import count_layer_ops
     layers = [layer for _, layer in _layer_types(family)]
     out = {}
-    for phase, seq in (("decode", 1), ("prefill", 16)):
-        counts, once = count_layer_ops(layers, seq)
+    for phase, seq in (("decode", 1), ("prefill", 16), ("decode_graph", 1)):
+        with for_graphs() if phase == "decode_graph" else contextlib.nullcontext():
+            counts, once = count_layer_ops(layers, seq)
         out[phase], out[phase + "_once"] = counts, once
     known = [(n, c) for (n, _), c in zip(_layer_types(family), out["decode"]) if c is not None]
-    if any(c is None for c in out["decode"] + out["prefill"]):
+    if any(c is None for c in out["decode"] + out["prefill"] + out["decode_graph"]):
         mean = sum(n * c for n, c in known) / max(1, sum(n for n, _ in known))
-        for phase in ("decode", "prefill"):
+        for phase in ("decode", "prefill", "decode_graph"):
             out[phase] = [mean if c is None else c for c in out[phase]]
     family._host_ops = out
     return out
@@ -464,6 +469,9 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
             for ri, r in enumerate(rows):
                 # host: this layer's operations, and once per step those kept in the step context
                 n_ops = ops[phase][ri] + (ops[phase + "_once"] / r["n"] if ri == first_attn else 0.0)
+                if not prefill:   # a replayed step's operations are those its graph recorded
+                    n_graph = ops["decode_graph"][ri] + (ops["decode_graph_once"] / r["n"] if ri == first_attn else 0.0)
+                    n_ops = np.where(graph[m], n_graph, n_ops)
                 g = gbs[m]
                 k = ngb[m]
                 host = k * n_ops * op
