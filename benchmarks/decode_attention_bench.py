@@ -3,8 +3,9 @@ matmul path it replaces, on the cache layout the CUDA-graph decode reads ((capac
 rows, attended through a permute), fp16. Each variant runs 32 times (one call per layer) inside a
 CUDA graph, replayed 50 times: microseconds per call, the cache bytes read per call over that time,
 and a plain copy of the same bytes for the memory's speed. Largest difference between the two.
---eager: also the host time of one call outside a graph (as eager decode steps launch it), and
-how many variants of the kernels a generation's growing cache compiles (one per head layout).
+--eager: also the host time of one call outside a graph (what an eager decode step would pay:
+the engine runs the kernel in CUDA-graph steps only), and how many variants of the kernels a
+growing cache compiles.
 Usage: PYTHONPATH=. python3 benchmarks/decode_attention_bench.py [--shapes P4 V1 L8 O30] [--eager]"""
 import argparse
 import time

@@ -16,12 +16,15 @@
 #   cap12       issue 12 under a hard 24 GiB GPU cap (--gpu-mem, no PYTORCH_CUDA_ALLOC_CONF given): P3 and a
 #               LLaMA-3-70B-shaped model with --percent auto, to the end; then a forced policy that cannot
 #               fit (must end with one `error: out of GPU memory` line, exit 2)
-#   validate12  issue 12's fresh validation set N1-N11 and P3 under its 24 GiB cap (decode projected from 6 steps as FlexGen does;
-#               per-step latencies printed), then benchmarks/check_cost_model.py over it (and cap12's runs)
+#   validate12  issue 12's fresh validation set N1-N11 and P3 under its 24 GiB cap (decode projected
+#               from 6 steps as FlexGen does; per-step latencies printed), then benchmarks/check_cost_model.py
+#               over it (and cap12's runs)
 #   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
 #               time) and the compression tests on the GPU
 #   eager12     eager decode steps with the Triton attention and without (FLEXGEN_TRITON_DECODE=0): N9 N2 N3,
 #               with the attention kernel's eager host time and compiled variants; the model over both
+#               (measured 2026-12-03; since then eager steps take the matmul path either way, so the two
+#               runs of N9 N2 N3 now measure the same engine)
 # At most 8 files come back from $OUT: each part writes one; run logs stay in /tmp/benchlogs.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.

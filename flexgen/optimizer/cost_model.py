@@ -173,9 +173,8 @@ def host_ops(family) -> dict:
     a prefill (`prefill`) for one GPU batch, and those issued once per step and GPU batch
     (`decode_once`, `prefill_once`); `decode_graph` and `decode_graph_once` for a decode step as a
     CUDA graph records it (the Triton decode attention); counted once per family object
-    (op_count.py). A layer whose
-    forward cannot be counted (data-dependent routing) gets the mean of this model's counted
-    layers."""
+    (op_count.py). A layer whose forward cannot be counted (data-dependent routing) gets the mean
+    of this model's counted layers."""
     cached = getattr(family, "_host_ops", None)
     if cached is not None:
         return cached
@@ -468,10 +467,11 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
             parts = []
             for ri, r in enumerate(rows):
                 # host: this layer's operations, and once per step those kept in the step context
-                n_ops = ops[phase][ri] + (ops[phase + "_once"] / r["n"] if ri == first_attn else 0.0)
+                def layer_ops(key):
+                    return ops[key][ri] + (ops[key + "_once"] / r["n"] if ri == first_attn else 0.0)
+                n_ops = layer_ops(phase)
                 if not prefill:   # a replayed step's operations are those its graph recorded
-                    n_graph = ops["decode_graph"][ri] + (ops["decode_graph_once"] / r["n"] if ri == first_attn else 0.0)
-                    n_ops = np.where(graph[m], n_graph, n_ops)
+                    n_ops = np.where(graph[m], layer_ops("decode_graph"), n_ops)
                 g = gbs[m]
                 k = ngb[m]
                 host = k * n_ops * op
