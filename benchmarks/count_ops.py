@@ -1,12 +1,15 @@
-"""Kernels launched per decode step (aten ops reaching the backend), a deterministic proxy for the
-host overhead that bounds small-batch GPU decoding (P4). Runs on the CPU with dummy weights.
-Usage: PYTHONPATH=. python3 benchmarks/count_ops.py [opt|llama]"""
-import sys
+"""Aten operations per decode step (those reaching the backend from the compute thread): the
+engine's real count beside the cost model's (optimizer/op_count.py's per-layer counts plus a
+compressed cache's), per policy. A deterministic proxy for the host time that bounds small-batch
+GPU decoding, and the check that the model counts what the engine issues.
+Usage: PYTHONPATH=. python3 benchmarks/count_ops.py [opt|llama] [--percent W C K K A A] [--ngb N]
+       [--gbs N] [--compress-weight] [--compress-cache] [--cpu-cache-compute] [--device cuda]
+       [--top N]"""
+import argparse
 import tempfile
 from collections import Counter
 
 import numpy as np
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flexgen.flex_llama import LlamaConfig, LlamaLM
@@ -23,28 +26,65 @@ class Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def model_count(lm, policy):
+    """The cost model's operations for one eager decode step of this policy."""
+    from flexgen.optimizer import cost_model as cm
+    fam = lm.family
+    ops = cm.host_ops(fam)
+    types = cm._layer_types(fam)
+    first = next((i for i, (_, l) in enumerate(types) if l.kind == "attention"), 0)
+    per_batch = sum(n * c for (n, _), c in zip(types, ops["decode"])) + ops["decode_once"]
+    cache = 0
+    if policy.compress_cache:
+        cfg = policy.comp_cache_config
+        pct = (policy.cache_gpu_percent, policy.cache_cpu_percent, 100 - policy.cache_gpu_percent - policy.cache_cpu_percent)
+        segs = sum(1 for x in pct if x)
+        for n, layer in types:
+            if layer.kind != "attention":
+                continue
+            co = cm.cache_host_ops(layer.kv_heads, layer.head_dim, cfg)
+            reads = (pct[0] > 0) + (pct[1] > 0 and not policy.cpu_cache_compute) + (pct[2] > 0)
+            unpack = co["unpack_fused" if lm.env.is_cuda else "unpack"]
+            cache += n * (co["write"] + co["write_segment"] * segs + reads * unpack)
+    del first
+    return policy.num_gpu_batches * (per_batch + cache)
+
+
 def main():
-    family = sys.argv[1] if len(sys.argv) > 1 else "opt"
-    if family == "opt":
-        cfg = OptConfig(name="toy", num_hidden_layers=4, hidden_size=64, n_head=4, input_dim=64, ffn_embed_dim=128,
+    ap = argparse.ArgumentParser()
+    ap.add_argument("family", nargs="?", default="opt", choices=["opt", "llama"])
+    ap.add_argument("--percent", nargs=6, type=float, default=[100, 0, 100, 0, 100, 0])
+    ap.add_argument("--gbs", type=int, default=8)
+    ap.add_argument("--ngb", type=int, default=1)
+    ap.add_argument("--compress-weight", action="store_true")
+    ap.add_argument("--compress-cache", action="store_true")
+    ap.add_argument("--cpu-cache-compute", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--top", type=int, default=12)
+    a = ap.parse_args()
+    L = 4
+    if a.family == "opt":
+        cfg = OptConfig(name="toy", num_hidden_layers=L, hidden_size=128, n_head=4, input_dim=128, ffn_embed_dim=256,
                         vocab_size=512, max_seq_len=256)
         cls = OptLM
     else:
-        cfg = LlamaConfig(name="toy", num_hidden_layers=4, hidden_size=64, n_head=4, num_key_value_heads=2,
-                          intermediate_size=128, vocab_size=512, max_seq_len=256)
+        cfg = LlamaConfig(name="toy", num_hidden_layers=L, hidden_size=128, n_head=4, num_key_value_heads=2,
+                          intermediate_size=256, vocab_size=512, max_seq_len=256)
         cls = LlamaLM
-    env = ExecutionEnv.create(tempfile.mkdtemp(), device="cpu")
-    lm = cls(cfg, env, "_DUMMY_", Policy(8, 1, 100, 0, 100, 0, 100, 0), progress=False)
-    ids = np.random.default_rng(0).integers(3, 500, size=(8, 16))
-    counts = []
-
-    def on_step(i):
-        counts.append(sum(mode.ops.values()))
-
+    env = ExecutionEnv.create(tempfile.mkdtemp(), device=a.device)
+    env.cuda_graphs = False   # eager steps: what the per-operation host cost multiplies
+    policy = Policy(a.gbs, a.ngb, *a.percent, overlap=True, compress_weight=a.compress_weight,
+                    compress_cache=a.compress_cache, cpu_cache_compute=a.cpu_cache_compute)
+    lm = cls(cfg, env, "_DUMMY_", policy, progress=False)
+    ids = np.random.default_rng(0).integers(3, 500, size=(a.gbs * a.ngb, 16))
+    snaps = []
     with Count() as mode:
-        lm.generate(ids, max_new_tokens=4, on_step=on_step)
-    per_step = counts[-1] - counts[-2]
-    print(f"{family}: {per_step} ops per decode step, {per_step / cfg.num_hidden_layers:.1f} per layer")
+        lm.generate(ids, max_new_tokens=4, on_step=lambda i: snaps.append(Counter(mode.ops)))
+    step = snaps[-1] - snaps[-2]
+    n, predicted = sum(step.values()), model_count(lm, policy)
+    print(f"{a.family} {' '.join(f'{p:g}' for p in a.percent)} {a.gbs}x{a.ngb} on {a.device}: {n} ops per decode "
+          f"step ({n / (L * a.ngb):.1f} per layer and GPU batch), cost model {predicted} ({predicted / n:.2f}x)")
+    print("  most issued:", ", ".join(f"{k.removeprefix('aten.')} {v}" for k, v in step.most_common(a.top)))
     lm.close()
     env.close_copy_threads()
 

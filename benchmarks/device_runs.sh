@@ -19,6 +19,8 @@
 #   validate12  issue 12's fresh validation set N1-N11 and P3 under its 24 GiB cap (decode projected
 #               from 6 steps as FlexGen does; per-step latencies printed), then benchmarks/check_cost_model.py
 #               over it (and cap12's runs)
+#   ops12       benchmarks/count_ops.py on the GPU (the engine's eager operations per decode step beside
+#               the cost model's) and N10 at 8 and 12 compute threads
 #   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
 #               time) and the compression tests on the GPU
 #   eager12     eager decode steps with the Triton attention and without (FLEXGEN_TRITON_DECODE=0): N9 N2 N3,
@@ -89,7 +91,8 @@ for part in "$@"; do
       env -u PYTORCH_CUDA_ALLOC_CONF python3 benchmarks/bench.py P3 L3A --timeout 420 --out /tmp/benchlogs \
         > "$OUT/cap12.txt" 2>&1; show "$OUT/cap12.txt"; grep -E "reserved" "$OUT/cap12.txt"; tail -3 "$OUT/cap12.txt" ;;
     validate12)
-      bench N1 N2 N3 N4 N10 N5 N9 N6 N11 P3 --timeout 150 --extra "--cut-gen-len 6 --debug-mode breakdown" \
+      # VAL12 picks a subset (the whole set can outlast one 600 s call): VAL12="N1 N2" bash ... validate12
+      bench ${VAL12:-N1 N2 N3 N4 N10 N5 N9 N6 N11 P3} --timeout 150 --extra "--cut-gen-len 6 --debug-mode breakdown" \
         > "$OUT/validate12.txt" 2>&1
       show "$OUT/validate12.txt" | grep -v "host memory held"; grep "per-step latency" "$OUT/validate12.txt"
       tail -12 "$OUT/validate12.txt"
@@ -105,6 +108,19 @@ for part in "$@"; do
         echo "-- FLEXGEN_TRITON_DECODE=$tr"; grep "per-step latency" "$OUT/eager_triton$tr.txt"
         python3 benchmarks/check_cost_model.py "$OUT/eager_triton$tr.txt" "$OUT/profile.json" | tail -5
       done ;;
+    ops12)
+      # the engine's operations per eager decode step beside the cost model's count (tiny models on
+      # the GPU), and N10's CPU attention at fewer compute threads (the profile's rate peaks at 8)
+      { for a in "llama" "llama --ngb 8" "opt --percent 100 0 100 0 0 100" \
+            "llama --percent 50 50 50 50 100 0 --ngb 8 --compress-weight --compress-cache" \
+            "llama --percent 50 50 50 50 100 0 --ngb 8 --compress-cache" \
+            "llama --percent 50 50 50 50 100 0 --ngb 8 --compress-weight" \
+            "llama --percent 0 100 0 100 100 0 --ngb 2 --cpu-cache-compute" \
+            "opt --percent 30 70 0 100 100 0 --ngb 4 --compress-weight --compress-cache"; do
+          python3 benchmarks/count_ops.py $a --device cuda 2>&1 | grep -v -i warn | tail -2; done
+        bench N10+--cpu-threads=8 N10+--cpu-threads=12+--io-threads=2 --timeout 120 \
+          --extra "--cut-gen-len 6 --debug-mode breakdown" | grep -E "breakdown|per-step|^N10"; } > "$OUT/ops12.txt" 2>&1
+      cat "$OUT/ops12.txt" ;;
     cache12)
       # the fused compressed-cache write against the per-segment one it replaced: identical bytes, host time
       { python3 benchmarks/cache_write_bench.py --percents 50 50 0
