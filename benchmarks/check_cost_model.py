@@ -10,7 +10,8 @@ Usage: PYTHONPATH=. python3 benchmarks/check_cost_model.py BENCH_OUTPUT PROFILE_
 --engine-before: count the compressed cache's host work as the engine issued it before its fused
 write (runs recorded until 2026-12-02, session 4); without it the prediction is for the engine as
 it is now (what the next device run will measure). --graph-op-s: the host cost per operation of a
-decode step replayed from a CUDA graph, for the policies that can (cost_model.graph_eligible).
+decode step replayed from a CUDA graph, for the policies that can (cost_model.graph_eligible;
+default cost_model.GRAPH_OP_S, as the runs themselves predict; a run with --no-cuda-graphs: none).
 """
 import argparse
 import json
@@ -24,7 +25,7 @@ from flexgen.cli import add_arguments, policy_from_args  # noqa: E402
 from flexgen.models.registry import resolve_model  # noqa: E402
 from flexgen.optimizer import cost_model  # noqa: E402
 from flexgen.optimizer.cost_model import Workload, predict  # noqa: E402
-from flexgen.parallel import resolve_threads  # noqa: E402
+from flexgen.parallel import policy_uses_disk, resolve_threads  # noqa: E402
 
 NUM = r"([0-9.]+)"
 
@@ -118,9 +119,12 @@ def main():
         add_arguments(p, "", "")
         args, _ = p.parse_known_args(argv)
         family = resolve_model(args.model, "llama" if "llama" in module else "opt").family
-        threads = resolve_threads(args.cpu_threads, args.io_threads, cores=prof["cpu"]["cores"]).cpu_threads
-        pr = predict(family, Workload(args.prompt_len, args.gen_len), policy_from_args(args), prof, is_cuda=True,
-                     cpu_threads=threads, graph_op_s=a.graph_op_s)
+        policy = policy_from_args(args)
+        threads = resolve_threads(args.cpu_threads, args.io_threads, cores=prof["cpu"]["cores"],
+                                  uses_disk=policy_uses_disk(policy)).cpu_threads
+        graph_s = None if not args.cuda_graphs else (a.graph_op_s or cost_model.GRAPH_OP_S)
+        pr = predict(family, Workload(args.prompt_len, args.gen_len), policy, prof, is_cuda=True,
+                     cpu_threads=threads, graph_op_s=graph_s)
         step = meas["decode latency"] / (args.gen_len - 1)
         err = pr.throughput / meas["total throughput"] - 1
         errs.append((sid, err))
