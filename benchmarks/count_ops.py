@@ -32,12 +32,11 @@ def model_count(lm, policy):
     fam = lm.family
     ops = cm.host_ops(fam)
     types = cm._layer_types(fam)
-    first = next((i for i, (_, l) in enumerate(types) if l.kind == "attention"), 0)
     per_batch = sum(n * c for (n, _), c in zip(types, ops["decode"])) + ops["decode_once"]
     cache = 0
     if policy.compress_cache:
         cfg = policy.comp_cache_config
-        pct = (policy.cache_gpu_percent, policy.cache_cpu_percent, 100 - policy.cache_gpu_percent - policy.cache_cpu_percent)
+        pct = policy.percents("cache")
         segs = sum(1 for x in pct if x)
         for n, layer in types:
             if layer.kind != "attention":
@@ -46,7 +45,6 @@ def model_count(lm, policy):
             reads = (pct[0] > 0) + (pct[1] > 0 and not policy.cpu_cache_compute) + (pct[2] > 0)
             unpack = co["unpack_fused" if lm.env.is_cuda else "unpack"]
             cache += n * (co["write"] + co["write_segment"] * segs + reads * unpack)
-    del first
     return policy.num_gpu_batches * (per_batch + cache)
 
 
