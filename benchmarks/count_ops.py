@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from flexgen.flex_llama import LlamaConfig, LlamaLM
 from flexgen.flex_opt import ExecutionEnv, OptConfig, OptLM, Policy
+from flexgen.memory.placement import split_counts
 
 
 class Count(TorchDispatchMode):
@@ -35,16 +36,12 @@ def model_count(lm, policy):
     per_batch = sum(n * c for (n, _), c in zip(types, ops["decode"])) + ops["decode_once"]
     cache = 0
     if policy.compress_cache:
-        cfg = policy.comp_cache_config
-        pct = policy.percents("cache")
-        segs = sum(1 for x in pct if x)
         for n, layer in types:
-            if layer.kind != "attention":
-                continue
-            co = cm.cache_host_ops(layer.kv_heads, layer.head_dim, cfg)
-            reads = (pct[0] > 0) + (pct[1] > 0 and not policy.cpu_cache_compute) + (pct[2] > 0)
-            unpack = co["unpack_fused" if lm.env.is_cuda else "unpack"]
-            cache += n * (co["write"] + co["write_segment"] * segs + reads * unpack)
+            if layer.kind == "attention":
+                co = cm.cache_host_ops(layer.kv_heads, layer.head_dim, policy.comp_cache_config)
+                counts = split_counts(layer.kv_heads, policy.percents("cache"))
+                cache += n * int(cm.compressed_cache_step_ops(co, counts, policy.cpu_cache_compute,
+                                                              lm.env.is_cuda, prefill=False))
     return policy.num_gpu_batches * (per_batch + cache)
 
 

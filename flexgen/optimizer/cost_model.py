@@ -207,6 +207,19 @@ def cache_host_ops(kv_heads: int, head_dim: int, config) -> dict:
 _CACHE_OPS = {}
 
 
+def compressed_cache_step_ops(co: dict, counts, on_cpu, is_cuda: bool, prefill: bool):
+    """A compressed cache's host operations per layer and GPU batch, from cache_host_ops' counts
+    `co`: quantise the new K/V rows once, write each segment's packed parts, and in a decode step
+    unpack each segment that attention reads on the device. counts: the layer's heads on (device,
+    cpu, disk); on_cpu: CPU attention reads the CPU heads in place (bool or array of them)."""
+    hg, hc, hdk = counts
+    ops = co["write"] + co["write_segment"] * sum(1 for x in counts if x)
+    if not prefill:
+        reads = (hg > 0) + np.where(on_cpu, 0, hc > 0) + (hdk > 0)
+        ops = ops + reads * co["unpack_fused" if is_cuda else "unpack"]
+    return ops
+
+
 def graph_eligible(grid) -> np.ndarray:
     """Candidates whose decode step could replay a captured CUDA graph: weights, cache and
     activations all on the GPU, nothing compressed, no CPU attention."""
@@ -500,13 +513,8 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                         hg, hc, hdk = counts
                         on_cpu = ccc[m][mm2] & ~prefill
                         if cc_:   # a compressed cache's host work per GPU batch (op_count.py)
-                            co = cache_ops[id(attn[hidx][1])]
-                            segs = sum(1 for x in counts if x)
-                            # quantise the new K/V rows once, write each segment's packed parts
-                            cache_host = co["write"] + co["write_segment"] * segs
-                            if not prefill:   # unpack each segment attention reads on the device
-                                reads = (hg > 0) + np.where(on_cpu, 0, hc > 0) + (hdk > 0)
-                                cache_host = cache_host + reads * co["unpack_fused" if is_cuda else "unpack"]
+                            cache_host = compressed_cache_step_ops(cache_ops[id(attn[hidx][1])], counts,
+                                                                   on_cpu, is_cuda, prefill)
                             host[np.flatnonzero(mm2)] += k[mm2] * cache_host * rates.cache_op
                         if prefill:   # the prompt's K/V stored to their tiers, attention on the device
                             dev_a = 2 * 2 * g[mm2] * tokens * tokens / 2 * info.num_heads * hd / flops
