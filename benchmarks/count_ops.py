@@ -4,8 +4,9 @@ compressed cache's), per policy. A deterministic proxy for the host time that bo
 GPU decoding, and the check that the model counts what the engine issues.
 Usage: PYTHONPATH=. python3 benchmarks/count_ops.py [opt|llama] [--percent W C K K A A] [--ngb N]
        [--gbs N] [--compress-weight] [--compress-cache] [--cpu-cache-compute] [--device cuda]
-       [--top N]"""
+       [--top N] [--by-caller]"""
 import argparse
+import sys
 import tempfile
 from collections import Counter
 
@@ -18,12 +19,21 @@ from flexgen.memory.placement import split_counts
 
 
 class Count(TorchDispatchMode):
-    def __init__(self):
+    """Operations by name, and by the innermost flexgen function that issued them (by_caller)."""
+    def __init__(self, by_caller=False):
         super().__init__()
         self.ops = Counter()
+        self.callers = Counter()
+        self.by_caller = by_caller
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func.overloadpacket)] += 1
+        if self.by_caller:
+            f = sys._getframe(1)
+            while f is not None and "/flexgen/" not in f.f_code.co_filename:
+                f = f.f_back
+            where = "?" if f is None else f"{f.f_code.co_filename.split('/flexgen/')[-1]}:{f.f_code.co_name}"
+            self.callers[where] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -56,6 +66,7 @@ def main():
     ap.add_argument("--cpu-cache-compute", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--by-caller", action="store_true", help="also the operations per issuing flexgen function")
     a = ap.parse_args()
     L = 4
     if a.family == "opt":
@@ -73,13 +84,16 @@ def main():
     lm = cls(cfg, env, "_DUMMY_", policy, progress=False)
     ids = np.random.default_rng(0).integers(3, 500, size=(a.gbs * a.ngb, 16))
     snaps = []
-    with Count() as mode:
-        lm.generate(ids, max_new_tokens=4, on_step=lambda i: snaps.append(Counter(mode.ops)))
-    step = snaps[-1] - snaps[-2]
+    with Count(a.by_caller) as mode:
+        lm.generate(ids, max_new_tokens=4, on_step=lambda i: snaps.append((Counter(mode.ops), Counter(mode.callers))))
+    step = snaps[-1][0] - snaps[-2][0]
     n, predicted = sum(step.values()), model_count(lm, policy)
     print(f"{a.family} {' '.join(f'{p:g}' for p in a.percent)} {a.gbs}x{a.ngb} on {a.device}: {n} ops per decode "
           f"step ({n / (L * a.ngb):.1f} per layer and GPU batch), cost model {predicted} ({predicted / n:.2f}x)")
     print("  most issued:", ", ".join(f"{k.removeprefix('aten.')} {v}" for k, v in step.most_common(a.top)))
+    if a.by_caller:
+        where = snaps[-1][1] - snaps[-2][1]
+        print("  by caller:", ", ".join(f"{k} {v}" for k, v in where.most_common(a.top)))
     lm.close()
     env.close_copy_threads()
 

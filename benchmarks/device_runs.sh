@@ -21,6 +21,8 @@
 #               over it (and cap12's runs)
 #   ops12       benchmarks/count_ops.py on the GPU (the engine's eager operations per decode step beside
 #               the cost model's) and N10 at 8 and 12 compute threads
+#   diag13      count_ops by issuing function (N4, N10, N5 shapes), N4's step profiled, N10 and N5 at
+#               10 + 2, 12 + 2 (and N5 at 8) threads
 #   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
 #               time) and the compression tests on the GPU
 #   eager12     eager decode steps with the Triton attention and without (FLEXGEN_TRITON_DECODE=0): N9 N2 N3,
@@ -121,6 +123,20 @@ for part in "$@"; do
         bench N10+--cpu-threads=8 N10+--cpu-threads=12+--io-threads=2 --timeout 120 \
           --extra "--cut-gen-len 6 --debug-mode breakdown" | grep -E "breakdown|per-step|^N10"; } > "$OUT/ops12.txt" 2>&1
       cat "$OUT/ops12.txt" ;;
+    diag13)
+      # what the model misses on N4, N10 and N5: the engine's operations by issuing function (tiny models on
+      # the GPU), N4's step profiled at its real size, and CPU attention at other thread splits (full runs)
+      { for a in "llama --percent 50 50 50 50 100 0 --ngb 8 --compress-weight --compress-cache" \
+            "llama --percent 50 50 50 50 100 0 --ngb 8 --compress-weight" \
+            "llama --percent 0 100 0 100 100 0 --ngb 2 --cpu-cache-compute" \
+            "opt --percent 100 0 0 100 100 0 --ngb 2 --cpu-cache-compute --compress-cache"; do
+          python3 benchmarks/count_ops.py $a --device cuda --by-caller --top 16 2>&1 | grep -v -i warn | tail -3; done
+        ROWS=22 timeout 200 python3 benchmarks/profile_step.py meta-llama/Meta-Llama-3-8B 32 8 50 50 50 50 100 0 \
+          overlap compress-weight compress-cache 2>&1 | grep -v -i warn | head -150
+        bench N10+--cpu-threads=10+--io-threads=2 N10+--cpu-threads=12+--io-threads=2 \
+          N5+--cpu-threads=10+--io-threads=2 N5+--cpu-threads=12+--io-threads=2 N5+--cpu-threads=8 --timeout 120 \
+          --extra "--cut-gen-len 6 --debug-mode breakdown" | grep -E "breakdown|per-step|^N"; } > "$OUT/diag13.txt" 2>&1
+      cat "$OUT/diag13.txt" ;;
     cache12)
       # the fused compressed-cache write against the per-segment one it replaced: identical bytes, host time
       { python3 benchmarks/cache_write_bench.py --percents 50 50 0
