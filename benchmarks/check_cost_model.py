@@ -25,7 +25,7 @@ from flexgen.cli import add_arguments, policy_from_args  # noqa: E402
 from flexgen.models.registry import resolve_model  # noqa: E402
 from flexgen.optimizer import cost_model  # noqa: E402
 from flexgen.optimizer.cost_model import Workload, predict  # noqa: E402
-from flexgen.parallel import policy_uses_disk, resolve_threads  # noqa: E402
+from flexgen.parallel import policy_threads  # noqa: E402
 
 NUM = r"([0-9.]+)"
 
@@ -120,8 +120,7 @@ def main():
         args, _ = p.parse_known_args(argv)
         family = resolve_model(args.model, "llama" if "llama" in module else "opt").family
         policy = policy_from_args(args)
-        threads = resolve_threads(args.cpu_threads, args.io_threads, cores=prof["cpu"]["cores"],
-                                  uses_disk=policy_uses_disk(policy)).cpu_threads
+        threads = policy_threads(policy, args.cpu_threads, args.io_threads, prof["cpu"]["cores"], prof).cpu_threads
         graph_s = None if not args.cuda_graphs else (a.graph_op_s or cost_model.GRAPH_OP_S)
         pr = predict(family, Workload(args.prompt_len, args.gen_len), policy, prof, is_cuda=True,
                      cpu_threads=threads, graph_op_s=graph_s)

@@ -327,7 +327,7 @@ def run(args, lm_class, log_prefix: str):
         raise
     num_prompts = policy.block_size
     gen_len, cut_gen_len = args.gen_len, args.cut_gen_len
-    env.fit_threads(policy)   # before the header shows the split
+    env.fit_threads(policy, profile)   # before the header shows the split
 
     print(f"<{lm_class.__name__}> device: {env.device}, dtype: {str(env.compute_dtype).split('.')[-1]}, "
           f"{env.describe_parallel()}")

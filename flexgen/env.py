@@ -39,7 +39,7 @@ from .memory.disk import DiskTensor
 from .memory.numa import NumaPlacement
 from .memory.oom import HostMemoryCapExceeded
 from .memory.placement import Staging
-from .parallel import ThreadSplit, policy_uses_disk, resolve_threads
+from .parallel import ThreadSplit, policy_threads, resolve_threads, uses_cpu_attention
 from .policy import PolicyError
 
 
@@ -133,14 +133,18 @@ class ExecutionEnv:
     def io_threads(self) -> int:
         return self.threads.io_threads
 
-    def fit_threads(self, policy) -> None:
+    def fit_threads(self, policy, profile: dict | None = None) -> None:
         """Re-resolve an `auto` thread split for the policy (no I/O cores when nothing is on
-        disk, see parallel.py). Before any I/O pool exists; explicit counts stay."""
+        disk; CPU attention at the profile's best thread count; see parallel.py). Before any I/O
+        pool exists; explicit counts stay."""
         t = self.threads
         if not (t.cpu_auto or t.io_auto) or self._pools:
             return
-        self.threads = resolve_threads(None if t.cpu_auto else t.cpu_threads, None if t.io_auto else t.io_threads,
-                                       t.cores, uses_disk=policy_uses_disk(policy))
+        if profile is None and self.is_cuda and uses_cpu_attention(policy):
+            from .profile import this_machines_profile
+            profile = this_machines_profile()
+        self.threads = policy_threads(policy, None if t.cpu_auto else t.cpu_threads,
+                                      None if t.io_auto else t.io_threads, t.cores, profile, self.is_cuda)
         torch.set_num_threads(self.threads.cpu_threads)
 
     # ---- construction -------------------------------------------------------------------------

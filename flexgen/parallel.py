@@ -29,6 +29,15 @@ ran at 25.1 tok/s, 14 + 2 at 22.9 and 8 + 2 at 19.1 (same machine, one call).
   one the reserved cores keep CPU attention from being descheduled behind the copies.
   (16 cores: 14 compute + 2 I/O; 2 cores: 2 compute + 1 I/O.)
 
+* A GPU run with CPU attention (``cpu_cache_compute`` with cache in CPU memory) and a profile of
+  this machine: cpu_threads = the thread count at which the profile measured its best CPU
+  attention rate (over a packed cache when the cache is compressed), no more than the cores left
+  beside I/O. Measured on the lent H200 host (16 cores, benchmarks/RESULTS.md session 10), where
+  the profile peaks at 8 threads: OPT-13B's packed CPU attention (N5) took 2.79 s a step at auto's
+  16 threads and 0.59 s at 8; LLaMA-3-8B's fp16 one (N10) 0.61 s at 16 and 0.44 at 8. On the H100
+  host the profile's best was all 16 cores, which the rule then keeps. The model's CPU attention
+  rate is the profile's best, so prediction and run agree on the split.
+
 Explicit values are checked: a positive integer no larger than the usable cores.
 """
 from __future__ import annotations
@@ -92,10 +101,25 @@ def auto_cpu_threads(cores: int, io_threads: int, uses_disk: bool = True) -> int
     return max(1, cores - io_threads) if cores >= 8 and uses_disk else cores
 
 
+def attention_threads(profile: dict | None, compressed: bool) -> int | None:
+    """The thread count at which the profile measured its best CPU attention (over a packed cache
+    when compressed), or None without such figures."""
+    cpu = (profile or {}).get("cpu") or {}
+    rates = cpu.get("packed_attention_gelem_s" if compressed else "attention_gib_s") or cpu.get("attention_gib_s")
+    if not rates:
+        return None
+    return int(max(rates, key=lambda t: (rates[t], -int(t))))
+
+
+def uses_cpu_attention(policy) -> bool:
+    return bool(policy.cpu_cache_compute) and policy.percents("cache")[1] > 0
+
+
 def resolve_threads(cpu_threads=None, io_threads=None, cores: int | None = None,
-                    uses_disk: bool = True) -> ThreadSplit:
+                    uses_disk: bool = True, attention: int | None = None) -> ThreadSplit:
     """The thread split for these settings (ints, "auto" or None) on `cores` usable cores;
-    uses_disk: whether the policy puts anything on disk (False: no core is kept for I/O)."""
+    uses_disk: whether the policy puts anything on disk (False: no core is kept for I/O);
+    attention: the profile's best CPU attention thread count, for a GPU run with CPU attention."""
     cores = usable_cores() if cores is None else cores
     cpu = _parse(cpu_threads, "--cpu-threads", cores)
     io = _parse(io_threads, "--io-threads", cores)
@@ -104,8 +128,19 @@ def resolve_threads(cpu_threads=None, io_threads=None, cores: int | None = None,
         io = auto_io_threads(cores, uses_disk)
     if cpu is None:
         cpu = auto_cpu_threads(cores, io, uses_disk)
+        if attention is not None:
+            cpu = max(1, min(attention, cores - io if cores >= 8 else cores))
     return ThreadSplit(cpu, io, cpu_auto, io_auto, cores)
 
 
 def policy_uses_disk(policy) -> bool:
     return any(policy.percents(kind)[2] > 0 for kind in ("weight", "cache", "act"))
+
+
+def policy_threads(policy, cpu_threads=None, io_threads=None, cores: int | None = None,
+                   profile: dict | None = None, is_cuda: bool = True) -> ThreadSplit:
+    """resolve_threads for a policy: what it puts on disk, and on a GPU its CPU attention's best
+    thread count from the profile."""
+    attention = (attention_threads(profile, policy.compress_cache)
+                 if is_cuda and uses_cpu_attention(policy) else None)
+    return resolve_threads(cpu_threads, io_threads, cores, uses_disk=policy_uses_disk(policy), attention=attention)

@@ -93,6 +93,12 @@ def foreign_differences(prof: dict, here: dict | None = None) -> list[str]:
     return out
 
 
+def this_machines_profile() -> dict | None:
+    """The cached profile when it was measured on this machine, else None (nothing is measured)."""
+    prof = load_profile()
+    return prof if prof is not None and not foreign_differences(prof) else None
+
+
 def profile_for_run(offload_dir: str | None = None, log=print) -> dict:
     """This machine's profile for a prediction or --percent auto: the cached one when it was
     measured here; otherwise this machine is measured now (and cached), and one line says so."""
