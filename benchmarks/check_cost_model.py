@@ -19,6 +19,8 @@ import os
 import re
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from flexgen.cli import add_arguments, policy_from_args  # noqa: E402
@@ -101,6 +103,8 @@ def main():
     ap.add_argument("--only", default=None, help="comma-separated run ids")
     ap.add_argument("--engine-before", action="store_true")
     ap.add_argument("--graph-op-s", type=float, default=None)
+    ap.add_argument("--no-engine-count", action="store_true",
+                    help="leave out the engine's scheduling operations (optimizer/engine_ops.py)")
     a = ap.parse_args()
     prof = json.load(open(a.profile))
     if a.engine_before:
@@ -122,8 +126,9 @@ def main():
         policy = policy_from_args(args)
         threads = policy_threads(policy, args.cpu_threads, args.io_threads, prof["cpu"]["cores"], prof).cpu_threads
         graph_s = None if not args.cuda_graphs else (a.graph_op_s or cost_model.GRAPH_OP_S)
+        count_on = None if a.no_engine_count or not torch.cuda.is_available() else "cuda"
         pr = predict(family, Workload(args.prompt_len, args.gen_len), policy, prof, is_cuda=True,
-                     cpu_threads=threads, graph_op_s=graph_s)
+                     cpu_threads=threads, graph_op_s=graph_s, count_on=count_on)
         step = meas["decode latency"] / (args.gen_len - 1)
         err = pr.throughput / meas["total throughput"] - 1
         errs.append((sid, err))

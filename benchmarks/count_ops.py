@@ -15,7 +15,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from flexgen.flex_llama import LlamaConfig, LlamaLM
 from flexgen.flex_opt import ExecutionEnv, OptConfig, OptLM, Policy
-from flexgen.memory.placement import split_counts
 
 
 class Count(TorchDispatchMode):
@@ -39,20 +38,8 @@ class Count(TorchDispatchMode):
 
 def model_count(lm, policy):
     """The cost model's operations for one eager decode step of this policy."""
-    from flexgen.optimizer import cost_model as cm
-    fam = lm.family
-    ops = cm.host_ops(fam)
-    types = cm._layer_types(fam)
-    per_batch = sum(n * c for (n, _), c in zip(types, ops["decode"])) + ops["decode_once"]
-    cache = 0
-    if policy.compress_cache:
-        for n, layer in types:
-            if layer.kind == "attention":
-                co = cm.cache_host_ops(layer.kv_heads, layer.head_dim, policy.comp_cache_config)
-                counts = split_counts(layer.kv_heads, policy.percents("cache"))
-                cache += n * int(cm.compressed_cache_step_ops(co, counts, policy.cpu_cache_compute,
-                                                              lm.env.is_cuda, prefill=False))
-    return policy.num_gpu_batches * (per_batch + cache)
+    from flexgen.optimizer.cost_model import model_decode_ops
+    return int(model_decode_ops(lm.family, policy, lm.env.is_cuda))
 
 
 def main():

@@ -467,7 +467,15 @@ def predict_policy(family, policy, args, env, profile):
     every run checks the model."""
     from .optimizer.cost_model import Workload, predict
     return predict(family, Workload(args.prompt_len, args.gen_len), policy, profile,
-                   is_cuda=env.is_cuda, cpu_threads=env.cpu_threads, graph_op_s=graph_op_s(env))
+                   is_cuda=env.is_cuda, cpu_threads=env.cpu_threads, graph_op_s=graph_op_s(env),
+                   count_on=count_device(env))
+
+
+def count_device(env):
+    """Where the cost model counts the engine's scheduling operations (optimizer/engine_ops.py):
+    the run's GPU, where a decode step's host work is what small batches wait for; None on the
+    CPU, whose runs the per-layer count already describes."""
+    return str(env.device) if env.is_cuda else None
 
 
 def graph_op_s(env):
@@ -508,7 +516,7 @@ def choose_auto_policy(args, family, env, prompt_len=None, gen_len=None, profile
     try:
         best = choose_policy(family, prompt_len or args.prompt_len, gen_len or args.gen_len, limits,
                              profile=profile, base=base, gpu_batch_size=gbs,
-                             num_gpu_batches=ngb, graph_op_s=graph_op_s(env))
+                             num_gpu_batches=ngb, graph_op_s=graph_op_s(env), count_on=count_device(env))
     except NoPolicyFits:
         gpu = "no GPU" if limits.gpu is None else f"GPU {limits.gpu / GiB:.1f} GiB"
         raise PolicyError(f"--percent auto: no policy fits {family.info().name} in {gpu}, host "

@@ -265,3 +265,65 @@ def test_search_forwards_the_graph_hook():
                           graph_op_s=1e-6)
     assert cm.graph_eligible(Grid.of_policy(graph.policy)).tolist() == [True]
     assert graph.prediction.decode_step_s < eager.prediction.decode_step_s
+
+
+# ---- the engine's own scheduling operations (optimizer/engine_ops.py) ------------------------------
+
+ENGINE_POLICIES = [
+    Policy(2, 3, 50, 50, 50, 50, 100, 0, compress_weight=True, compress_cache=True),
+    Policy(2, 2, 0, 100, 0, 100, 100, 0, cpu_cache_compute=True),
+    Policy(2, 2, 100, 0, 0, 100, 0, 100, cpu_cache_compute=True, compress_cache=True),
+    Policy(2, 2, 30, 40, 100, 0, 100, 0),   # weights partly on disk
+]
+
+
+def _engine_check(device, is_cuda):
+    from flexgen.optimizer import engine_ops
+    for family in ("opt", "llama"):
+        tiny = _tiny(family)   # 2 layers
+        for policy in ENGINE_POLICIES:
+            pol = engine_ops._mini_policy(policy, tiny.info().head_dim)
+            extra = engine_ops.engine_extra(tiny, pol, device, is_cuda)
+            step = engine_ops._count_step(tiny, pol, device)
+            # the miniature (other widths, 1 and 3 layers) predicts the real step's count exactly
+            assert step == cm.model_decode_ops(tiny, pol, is_cuda) + 2 * extra.per_layer + extra.per_step, \
+                (family, policy)
+            assert extra.per_layer > 0
+
+
+def test_engine_extra_is_what_the_engine_issues_beyond_the_model():
+    _engine_check("cpu", False)
+
+
+@pytest.mark.gpu
+def test_engine_extra_is_what_the_engine_issues_on_the_gpu():
+    _engine_check("cuda", True)
+
+
+def test_counted_engine_operations_lengthen_eager_decode_steps_only():
+    fam = _family("meta-llama/Meta-Llama-3-8B")
+    prof = copy.deepcopy(DEFAULT_PROFILE)
+    w = Workload(512, 32)
+    split = Policy(32, 2, 50, 50, 0, 100, 100, 0, cpu_cache_compute=True)
+    base, counted = (predict(fam, w, split, prof, is_cuda=True, count_on=c) for c in (None, "cpu"))
+    assert counted.decode_step_s > base.decode_step_s and counted.prefill_s == base.prefill_s
+    # a replayed graph step keeps its own host cost
+    resident = Policy(8, 1, 100, 0, 100, 0, 100, 0)
+    g0, g1 = (predict(fam, w, resident, prof, is_cuda=True, graph_op_s=1e-6, count_on=c) for c in (None, "cpu"))
+    assert g0.decode_step_s == g1.decode_step_s
+
+
+def test_search_reranks_its_best_with_the_engine_count():
+    from flexgen.optimizer.memory_model import MachineMemory
+    from flexgen.optimizer.search import RERANK, build_grid, search
+    fam = _family("facebook/opt-1.3b")
+    prof = copy.deepcopy(DEFAULT_PROFILE)
+    limits = MachineMemory(gpu=2 << 30, host=64 << 30, disk=64 << 30)
+    grid = build_grid(gbs=(8,), ngb=(2,))
+    plain = search(fam, Workload(128, 8), limits, prof, top=RERANK, grid=grid)
+    counted = search(fam, Workload(128, 8), limits, prof, top=3, grid=grid, count_on="cpu")
+    tps = [c.prediction.throughput for c in counted]
+    assert tps == sorted(tps, reverse=True) and {c.policy for c in counted} <= {c.policy for c in plain}
+    for c in counted:
+        again = predict(fam, Workload(128, 8), c.policy, prof, is_cuda=True, count_on="cpu")
+        assert again.throughput == c.prediction.throughput

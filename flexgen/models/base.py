@@ -104,6 +104,12 @@ class ModelFamily:
     def layers(self) -> list[LayerSpec]:
         raise NotImplementedError
 
+    def miniature(self, num_layers: int) -> "ModelFamily":
+        """The same family with num_layers layers and every width small, the head counts (hence the
+        split of heads over tiers) and the ratios of weight sizes kept: what the cost model runs
+        through the engine to count its operations (optimizer/engine_ops.py)."""
+        return type(self)(self.config.miniature(num_layers))
+
     # Sizes for the benchmark header (FlexGen prints these).
     def model_bytes(self, itemsize: int = 2) -> int:
         import math

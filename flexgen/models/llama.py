@@ -47,6 +47,18 @@ class LlamaConfig:
     def head_dim(self):
         return self.head_dim_ or self.hidden_size // self.n_head
 
+    def miniature(self, num_layers: int) -> "LlamaConfig":
+        """ModelFamily.miniature's config: the query and KV heads kept, widths scaled alike, the
+        sliding window on the miniature's layers when most real layers have one."""
+        from .opt import _multiple, mini_head_dim
+        d = mini_head_dim(self.n_head)
+        scale = d / self.head_dim
+        windowed = self.window_layers is None or 2 * len(self.window_layers) > self.num_hidden_layers
+        return dataclasses.replace(self, name=f"{self.name}-mini", num_hidden_layers=num_layers,
+                                   hidden_size=_multiple(self.hidden_size * scale), head_dim_=d,
+                                   intermediate_size=_multiple(self.intermediate_size * scale), vocab_size=256,
+                                   max_seq_len=64, window_layers=None if windowed else ())
+
     def window_of(self, layer: int) -> int | None:
         if self.sliding_window is None or (self.window_layers is not None and layer not in self.window_layers):
             return None

@@ -32,6 +32,15 @@ class OptConfig:
     def head_dim(self):
         return self.hidden_size // self.n_head
 
+    def miniature(self, num_layers: int) -> "OptConfig":
+        """ModelFamily.miniature's config: the heads kept, head dim mini_head_dim, widths scaled alike."""
+        d = mini_head_dim(self.n_head)
+        hidden = self.n_head * d
+        scale = hidden / self.hidden_size
+        return dataclasses.replace(self, name=f"{self.name}-mini", num_hidden_layers=num_layers, hidden_size=hidden,
+                                   input_dim=_multiple(self.input_dim * scale), max_seq_len=64, vocab_size=256,
+                                   ffn_embed_dim=_multiple(self.ffn_embed_dim * scale))
+
     @classmethod
     def from_hf(cls, d: dict, name: str = "opt") -> "OptConfig":
         act = d.get("activation_function", "relu")
@@ -59,6 +68,16 @@ class OptConfig:
             remove_final_layer_norm=d.get("_remove_final_layer_norm", False),
             enable_bias=d.get("enable_bias", True),
         )
+
+
+def mini_head_dim(heads: int) -> int:
+    """The smallest head dim at which `heads` heads make a width of whole groups of 64 (compression's
+    default group): the miniature's packed weights need no padding the real ones do not."""
+    return next(d for d in (8, 16, 32, 64) if heads * d % 64 == 0)
+
+
+def _multiple(x: float, of: int = 64) -> int:
+    return max(of, int(round(x / of)) * of)
 
 
 def _int_or(v, default):

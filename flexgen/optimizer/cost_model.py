@@ -195,6 +195,22 @@ def host_ops(family) -> dict:
     return out
 
 
+def model_decode_ops(family, policy: Policy, is_cuda: bool) -> float:
+    """The operations the model counts for one eager decode step of this policy: every layer's
+    forward and a compressed cache's host work, per GPU batch (evaluate's host term, as a count)."""
+    ops = host_ops(family)
+    types = _layer_types(family)
+    per_batch = sum(n * c for (n, _), c in zip(types, ops["decode"])) + ops["decode_once"]
+    if policy.compress_cache:
+        for n, layer in types:
+            if layer.kind == "attention":
+                co = cache_host_ops(layer.kv_heads, layer.head_dim, policy.comp_cache_config)
+                counts = split_counts(layer.kv_heads, policy.percents("cache"))
+                per_batch += n * float(compressed_cache_step_ops(co, counts, policy.cpu_cache_compute, is_cuda,
+                                                                 prefill=False))
+    return policy.num_gpu_batches * per_batch
+
+
 def cache_host_ops(kv_heads: int, head_dim: int, config) -> dict:
     """A compressed cache's host operations per layer and GPU batch (op_count.py), by shape."""
     from .op_count import count_compressed_cache_ops
@@ -376,11 +392,14 @@ def _tables(family, grid: Grid, prompt_len, gen_len, itemsize):
 
 
 def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: bool | None = None,
-             memory_only: bool = False, cpu_threads: int | None = None, graph_op_s: float | None = None):
+             memory_only: bool = False, cpu_threads: int | None = None, graph_op_s: float | None = None,
+             engine=None):
     """Predicted memory (per tier, bytes) and times (seconds) of every candidate in the grid.
     Returns a dict of arrays: gpu, pinned, pageable, disk, prefill, decode_step, total, throughput.
     graph_op_s: the host seconds per operation of a decode step that replays a captured CUDA graph,
-    applied to the candidates that graph_eligible() accepts (None: every decode step is eager)."""
+    applied to the candidates that graph_eligible() accepts (None: every decode step is eager).
+    engine: an engine_ops.EngineExtra, the engine's scheduling operations of an eager decode step
+    (a one-policy grid; None: only the per-layer forwards and the compressed cache are counted)."""
     rates = Rates(profile, cpu_threads)
     is_cuda = rates.is_cuda if is_cuda is None else is_cuda
     itemsize = 2 if is_cuda else 4
@@ -488,6 +507,10 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                 g = gbs[m]
                 k = ngb[m]
                 host = k * n_ops * op
+                if engine is not None and not prefill and r["kind"] == "attention":
+                    # the engine's scheduling, counted per layer (all its GPU batches) and step
+                    extra = engine.per_layer + (engine.per_step / r["n"] if ri == first_attn else 0.0)
+                    host = host + np.where(graph[m], 0.0, extra * op)
                 # weights: once per stage; from cpu over PCIe, from disk through a pinned relay
                 w_h2d = r["cpu"] / h2d_w + r["disk"] / rates.h2d_pinned
                 w_disk = r["disk"] / rates.disk_read
@@ -594,11 +617,18 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
 
 
 def predict(family, workload: Workload, policy: Policy, profile: dict, is_cuda: bool | None = None,
-            cpu_threads: int | None = None, graph_op_s: float | None = None) -> Prediction:
-    """One policy's predicted times, throughput and peak memory (memory_model.estimate_memory)."""
-    r = evaluate(family, Grid.of_policy(policy), workload, profile, is_cuda, cpu_threads=cpu_threads,
-                 graph_op_s=graph_op_s)
+            cpu_threads: int | None = None, graph_op_s: float | None = None,
+            count_on: str | None = None) -> Prediction:
+    """One policy's predicted times, throughput and peak memory (memory_model.estimate_memory).
+    count_on: a device to count the engine's own scheduling operations on (engine_ops.py: a
+    miniature of the model runs there), normally the run's; None: not counted."""
     cuda = Rates(profile).is_cuda if is_cuda is None else is_cuda
+    engine = None
+    if count_on is not None:
+        from .engine_ops import engine_extra
+        engine = engine_extra(family, policy, count_on, cuda)
+    r = evaluate(family, Grid.of_policy(policy), workload, profile, is_cuda, cpu_threads=cpu_threads,
+                 graph_op_s=graph_op_s, engine=engine)
     est = estimate_memory(family, policy, workload.prompt_len, workload.gen_len, cuda)
     return Prediction(float(r["prefill"][0]), float(r["decode_step"][0]), float(r["total"][0]),
                       float(r["throughput"][0]), est)

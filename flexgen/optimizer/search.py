@@ -19,6 +19,9 @@ from .cost_model import Grid, Prediction, Workload, evaluate, predict
 from .memory_model import MachineMemory, estimate_memory, shortfalls
 
 GBS = (1, 2, 4, 8, 16, 32, 64)
+# with the engine's own operations counted (count_on), the best candidates of the vectorised model
+# are re-predicted with them and re-ranked: the count runs the engine, so only this many
+RERANK = 6
 NGB = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
@@ -66,10 +69,13 @@ def _fits(mem_arrays, limits: MachineMemory, margin=0.95):
 
 
 def search(family, workload: Workload, limits: MachineMemory, profile: dict, top: int = 5,
-           base: Policy | None = None, grid: Grid | None = None, graph_op_s: float | None = None) -> list[Candidate]:
+           base: Policy | None = None, grid: Grid | None = None, graph_op_s: float | None = None,
+           count_on: str | None = None) -> list[Candidate]:
     """The `top` best policies (highest predicted throughput first) that fit `limits`.
     graph_op_s: host seconds per operation of a decode step replayed from a CUDA graph, for the
-    policies that can (cost_model.graph_eligible); None: all decode steps eager."""
+    policies that can (cost_model.graph_eligible); None: all decode steps eager. count_on: the
+    device to count the engine's scheduling operations on (cost_model.predict), for the best
+    max(top, RERANK) candidates, which are then ranked again; None: not counted."""
     is_cuda = limits.gpu is not None
     grid = grid or build_grid(base)
     mem = evaluate(family, grid, workload, profile, is_cuda, memory_only=True)
@@ -89,17 +95,20 @@ def search(family, workload: Workload, limits: MachineMemory, profile: dict, top
         est = estimate_memory(family, pol, workload.prompt_len, workload.gen_len, is_cuda)
         if shortfalls(est, limits):   # the vectorised estimate disagrees: trust the exact one
             continue
-        out.append(Candidate(pol, predict(family, workload, pol, profile, is_cuda, graph_op_s=graph_op_s)))
-        if len(out) >= top:
+        out.append(Candidate(pol, predict(family, workload, pol, profile, is_cuda, graph_op_s=graph_op_s,
+                                          count_on=count_on)))
+        if len(out) >= (top if count_on is None else max(top, RERANK)):
             break
     if not out:
         raise NoPolicyFits("no policy fits")
-    return out
+    out.sort(key=lambda c: -round(c.prediction.throughput, 6))   # stable: ties keep the order above
+    return out[:top]
 
 
 def choose_policy(family, prompt_len: int, gen_len: int, limits: MachineMemory, profile: dict | None = None,
                   base: Policy | None = None, gpu_batch_size: int | None = None,
-                  num_gpu_batches: int | None = None, graph_op_s: float | None = None) -> Candidate:
+                  num_gpu_batches: int | None = None, graph_op_s: float | None = None,
+                  count_on: str | None = None) -> Candidate:
     """The best policy for one block that fits `limits` (FlexGen's `--percent auto`), with its
     prediction. Batch sizes given are kept; None lets the search choose. Profile: this machine's
     saved one, else the built-in default. Raises NoPolicyFits."""
@@ -110,4 +119,4 @@ def choose_policy(family, prompt_len: int, gen_len: int, limits: MachineMemory, 
     grid = build_grid(base, gbs=GBS if gpu_batch_size is None else (gpu_batch_size,),
                       ngb=NGB if num_gpu_batches is None else (num_gpu_batches,))
     return search(family, Workload(prompt_len, gen_len), limits, profile, top=1, base=base, grid=grid,
-                  graph_op_s=graph_op_s)[0]
+                  graph_op_s=graph_op_s, count_on=count_on)[0]
