@@ -23,6 +23,8 @@
 #               the cost model's) and N10 at 8 and 12 compute threads
 #   diag13      count_ops by issuing function (N4, N10, N5 shapes), N4's step profiled, N10 and N5 at
 #               10 + 2, 12 + 2 (and N5 at 8) threads
+#   engine13    the GPU test of the engine's counted scheduling operations, then N4 N10 N5 N2 N9 (VAL13
+#               picks others) re-predicted with them (carry .whl_tests)
 #   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
 #               time) and the compression tests on the GPU
 #   eager12     eager decode steps with the Triton attention and without (FLEXGEN_TRITON_DECODE=0): N9 N2 N3,
@@ -137,6 +139,16 @@ for part in "$@"; do
           N5+--cpu-threads=10+--io-threads=2 N5+--cpu-threads=12+--io-threads=2 N5+--cpu-threads=8 --timeout 120 \
           --extra "--cut-gen-len 6 --debug-mode breakdown" | grep -E "breakdown|per-step|^N"; } > "$OUT/diag13.txt" 2>&1
       cat "$OUT/diag13.txt" ;;
+    engine13)
+      # the engine's scheduling operations counted on the GPU (optimizer/engine_ops.py) against a real
+      # step, then the runs the model missed without them, re-predicted with them (carry .whl_tests)
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tsite .whl_tests/*.whl
+      FLEXGEN_TEST_DEVICE=cuda PYTHONPATH=.:/tmp/tsite timeout 150 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_cost_model_ops.py -k "engine or gpu" 2>&1 | tail -3
+      bench ${VAL13:-N4 N10 N5 N2 N9} --timeout 150 --extra "--cut-gen-len 6 --debug-mode breakdown" \
+        > "$OUT/engine13.txt" 2>&1
+      show "$OUT/engine13.txt" | grep -v "host memory held"; tail -7 "$OUT/engine13.txt"
+      python3 benchmarks/check_cost_model.py "$OUT/engine13.txt" "$OUT/profile.json" ;;
     cache12)
       # the fused compressed-cache write against the per-segment one it replaced: identical bytes, host time
       { python3 benchmarks/cache_write_bench.py --percents 50 50 0
