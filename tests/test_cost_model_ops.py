@@ -4,6 +4,7 @@ graph-replay hook, and the terms added for issue 12's validation set (next-stage
 activations behind the loads, grouped-query CPU attention)."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -327,3 +328,20 @@ def test_search_reranks_its_best_with_the_engine_count():
     for c in counted:
         again = predict(fam, Workload(128, 8), c.policy, prof, is_cuda=True, count_on="cpu")
         assert again.throughput == c.prediction.throughput
+
+
+def test_cpu_attention_shares_host_memory_with_streamed_weights():
+    """CPU attention beside weight copies from host memory: slowed by the copies' share of the
+    host's memory traffic for as long as they overlap, no more; alone, the profile's time."""
+    cpu = np.array([0.005, 0.02, 0.0])
+    h2d, mem = 50.0, 100.0   # the copies take half the traffic
+    assert cm._shared_bandwidth(cpu, 0.0, h2d, mem).tolist() == cpu.tolist()
+    both = cm._shared_bandwidth(cpu, 0.009, h2d, mem)
+    # 9 ms of copies at half speed do 4.5 ms of a kernel's work: 5 ms of it take 9.5 ms, 20 ms 24.5
+    assert both.tolist() == pytest.approx([0.0095, 0.0245, 0.0])
+    fam = _family("meta-llama/Meta-Llama-3-8B")
+    prof = copy.deepcopy(DEFAULT_PROFILE)
+    streamed = Policy(32, 2, 0, 100, 0, 100, 100, 0, cpu_cache_compute=True)
+    resident = streamed.replace(w_gpu_percent=100, w_cpu_percent=0)
+    t_s, t_r = (predict(fam, Workload(512, 32), p, prof).decode_step_s for p in (streamed, resident))
+    assert t_s > t_r

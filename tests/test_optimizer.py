@@ -87,18 +87,19 @@ def test_cpu_attention_and_compression_change_the_prediction():
 
 
 def test_packed_cpu_attention_rate_sets_its_time():
-    """A 4-bit cache under CPU attention costs its K/V values over the profiled packed rate: C30C
-    of benchmarks/RESULTS.md (OPT-30B, 64 sequences, 4.07 G values/s in that call's profile:
-    predicted 6.37 s per decode step, measured 7.44)."""
+    """A 4-bit cache under CPU attention costs its K/V values over the profiled packed rate, slowed
+    by the weights streaming beside it (cost_model._shared_bandwidth): C30C of benchmarks/RESULTS.md
+    (OPT-30B, 64 sequences, 4.07 G values/s in that call's profile: measured 7.44 s per decode step;
+    the model without the weights' share of host memory predicted 6.37)."""
     family = resolve_model("facebook/opt-30b").family
     p = Policy(32, 2, 0, 100, 0, 100, 100, 0, cpu_cache_compute=True, compress_cache=True)
     prof = _h200()
     prof["cpu"]["packed_attention_gelem_s"] = {"16": 4.07}
     slow = predict(family, Workload(512, 32), p, prof).decode_step_s
     values = 48 * 64 * 2 * 7168 * (512 + 16)     # layers x sequences x K and V x width x mean context
-    assert slow == pytest.approx(values / 4.07e9, rel=0.15)
+    assert values / 4.07e9 < slow == pytest.approx(7.44, rel=0.15)
     prof["cpu"]["packed_attention_gelem_s"] = {"16": 8.14}
-    assert predict(family, Workload(512, 32), p, prof).decode_step_s < 0.6 * slow
+    assert predict(family, Workload(512, 32), p, prof).decode_step_s < 0.65 * slow
 
 
 def test_search_fits_limits_and_picks_compression_when_forced():

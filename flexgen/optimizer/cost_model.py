@@ -133,6 +133,9 @@ class Rates:
             self.h2d_pageable = g["h2d_pageable_gib_s"] * GiB
             self.d2h = g["d2h_pinned_gib_s"] * GiB
             self.dev_bw = g["mem_bw_gib_s"] * GiB
+            # host memory traffic a plain copy reaches (read + write): what weight transfers from
+            # pinned memory and CPU attention share
+            self.host_mem_bw = c.get("mem_bw_gib_s", 40.0) * GiB
             self.flops = g.get("fp16_tflops_best", _best(g.get("fp16_tflops"))) * 1e12
             self.dequant = g["dequant_gelem_s"] * 1e9
             self.host_op = g.get("host_op_s") or reference_host_op_s(True)
@@ -288,7 +291,7 @@ def _weight_table(family, pct, compress, itemsize, cfg):
     for n, layer in _layer_types(family):
         tier_b = dict.fromkeys(TIERS, 0)
         move = dict.fromkeys(TIERS, 0)
-        stage = deq = read = flops = 0
+        stage = deq = read = flops = cpu_max = 0
         routed = {}
         sizes = [math.prod(w.shape) for w in layer.weights]
         for spec, size, tier in zip(layer.weights, sizes, assign_by_size(sizes, pct)):
@@ -296,6 +299,8 @@ def _weight_table(family, pct, compress, itemsize, cfg):
             nbytes = _packed_bytes(spec.shape, cfg) if packed else size * itemsize
             tier_b[tier] += nbytes
             move[tier] += nbytes
+            if tier == "cpu":
+                cpu_max = max(cpu_max, nbytes)
             if tier != "gpu" or packed:
                 stage += size * itemsize
             deq += size if packed else 0
@@ -305,9 +310,21 @@ def _weight_table(family, pct, compress, itemsize, cfg):
                 else:
                     read += size * itemsize
                 flops += 2 * size * spec.share
-        rows.append(dict(n=n, kind=layer.kind, tiers=tier_b, cpu=move["cpu"], disk=move["disk"], stage=stage,
+        rows.append(dict(n=n, kind=layer.kind, tiers=tier_b, cpu=move["cpu"], cpu_max=cpu_max, disk=move["disk"],
+                         stage=stage,
                          deq=deq, read=read, routed=routed, flops=flops, kv=layer.kv_heads, hd=layer.head_dim))
     return rows
+
+
+def _shared_bandwidth(cpu_s, stream_s, h2d, mem_bw):
+    """CPU attention's time (cpu_s at the profile's rate, per layer) while weights stream from host
+    memory beside it for stream_s per layer: for as long as they overlap, the copies take h2d /
+    mem_bw of the host's memory traffic (at most half: the copy benchmark's traffic is reads and
+    writes), and the kernel runs that much slower. Measured on the lent H200 (benchmarks/RESULTS.md
+    session 10): LLaMA-3-8B's CPU attention with its weights streamed (N10) took 0.33 s a step
+    where the profile's rate gives 0.16, OPT-13B's beside resident weights (N5) its profile's."""
+    share = min(0.5, h2d / mem_bw)
+    return np.minimum(cpu_s / (1.0 - share), cpu_s + share * stream_s)
 
 
 def _matmul_read(row, ntok):
@@ -495,6 +512,10 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
         for (wi, c), m in w_arr.items():
             rows = W[(wi, c)]
             ai = 0
+            # weights read from host memory per transformer layer while it computes (the load
+            # stream's copies): CPU attention shares the host's memory bandwidth with them
+            n_attn = max(1, sum(n for n, _ in attn))
+            stream_s = sum(rr["n"] * rr["cpu"] for rr in rows) / h2d_w / n_attn if is_cuda else 0.0
             op = op_s[m] if isinstance(op_s, np.ndarray) else op_s
             parts = []
             for ri, r in enumerate(rows):
@@ -563,6 +584,12 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                             else:
                                 cpu_read = el * ctx * hc * 2 / rates.cpu_attn + (el * ctx * hc / rates.cpu_dequant if cc_ else 0)
                             cpu_a = np.where(on_cpu, k[mm2] * cpu_read * rates.gqa_factor(info.num_heads // l_kv), 0.0)
+                            if stream_s > 0:
+                                cpu_a = _shared_bandwidth(cpu_a, stream_s, h2d_w, rates.host_mem_bw)
+                                # each GPU batch's attention output goes back host-to-device behind
+                                # the next stage's weight copy in flight: half the largest one waited
+                                nxt = max(rows[b]["cpu_max"] for b in succ[ri])
+                                cpu_a = cpu_a + np.where(on_cpu, k[mm2] * 0.5 * nxt / h2d_w, 0.0)
                         idx = np.flatnonzero(mm2)
                         dev[idx] += dev_a
                         h2d[idx] += h2d_a
