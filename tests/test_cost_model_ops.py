@@ -3,8 +3,8 @@
 graph-replay hook, and the terms added for issue 12's validation set (next-stage weight pairing,
 activations behind the loads, grouped-query CPU attention)."""
 import copy
+import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -220,8 +220,12 @@ def test_grouped_query_cpu_attention_is_slower_per_byte():
     prof = copy.deepcopy(DEFAULT_PROFILE)
     r = cm.Rates(prof)
     assert r.gqa_factor(1) == 1.0 and r.gqa_factor(4) == pytest.approx(cm.GQA_CPU_SLOWDOWN_REP4)
-    prof["cpu"]["attention_rep4_gib_s"] = {"16": prof["cpu"]["attention_gib_s"]["16"] / 2}
-    assert cm.Rates(prof).gqa_factor(4) == pytest.approx(2.0)
+    # a profile's rep-4 rate counts where it shows more than the engine's measured slowdown
+    prof["cpu"]["attention_rep4_gib_s"] = {"16": prof["cpu"]["attention_gib_s"]["16"] / 3}
+    assert cm.Rates(prof).gqa_factor(4) == pytest.approx(3.0)
+    prof["cpu"]["attention_rep4_gib_s"] = {"16": prof["cpu"]["attention_gib_s"]["16"] / 1.05}
+    assert cm.Rates(prof).gqa_factor(4) == pytest.approx(cm.GQA_CPU_SLOWDOWN_REP4)
+    prof["cpu"]["attention_rep4_gib_s"] = {"16": prof["cpu"]["attention_gib_s"]["16"] / 3}
     fam = _family("meta-llama/Meta-Llama-3-8B")
     p = Policy(32, 2, 0, 100, 0, 100, 100, 0, cpu_cache_compute=True)
     slow = predict(fam, Workload(512, 32), p, prof).decode_step_s
@@ -330,18 +334,16 @@ def test_search_reranks_its_best_with_the_engine_count():
         assert again.throughput == c.prediction.throughput
 
 
-def test_cpu_attention_shares_host_memory_with_streamed_weights():
-    """CPU attention beside weight copies from host memory: slowed by the copies' share of the
-    host's memory traffic for as long as they overlap, no more; alone, the profile's time."""
-    cpu = np.array([0.005, 0.02, 0.0])
-    h2d, mem = 50.0, 100.0   # the copies take half the traffic
-    assert cm._shared_bandwidth(cpu, 0.0, h2d, mem).tolist() == cpu.tolist()
-    both = cm._shared_bandwidth(cpu, 0.009, h2d, mem)
-    # 9 ms of copies at half speed do 4.5 ms of a kernel's work: 5 ms of it take 9.5 ms, 20 ms 24.5
-    assert both.tolist() == pytest.approx([0.0095, 0.0245, 0.0])
+def test_cpu_attention_output_waits_behind_the_weight_copy_in_flight():
+    """With weights streamed, each GPU batch's CPU attention output goes back to the device behind
+    the next stage's weight copy: half the largest copy per layer and GPU batch (N10 against N10
+    with resident weights, session 10). Resident weights, or no CPU attention: no wait."""
     fam = _family("meta-llama/Meta-Llama-3-8B")
     prof = copy.deepcopy(DEFAULT_PROFILE)
+    w = Workload(512, 32)
     streamed = Policy(32, 2, 0, 100, 0, 100, 100, 0, cpu_cache_compute=True)
     resident = streamed.replace(w_gpu_percent=100, w_cpu_percent=0)
-    t_s, t_r = (predict(fam, Workload(512, 32), p, prof).decode_step_s for p in (streamed, resident))
-    assert t_s > t_r
+    t_s, t_r = (predict(fam, w, p, prof).decode_step_s for p in (streamed, resident))
+    mlp = max(math.prod(x.shape) for x in fam.layers()[2].weights) * 2   # the largest MLP weight, fp16
+    waits = fam.info().num_layers * 2 * 0.5 * mlp / (prof["gpu"]["h2d_pinned_gib_s"] * cm.GiB)
+    assert t_s >= t_r + waits * 0.99

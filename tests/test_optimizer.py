@@ -87,10 +87,10 @@ def test_cpu_attention_and_compression_change_the_prediction():
 
 
 def test_packed_cpu_attention_rate_sets_its_time():
-    """A 4-bit cache under CPU attention costs its K/V values over the profiled packed rate, slowed
-    by the weights streaming beside it (cost_model._shared_bandwidth): C30C of benchmarks/RESULTS.md
-    (OPT-30B, 64 sequences, 4.07 G values/s in that call's profile: measured 7.44 s per decode step;
-    the model without the weights' share of host memory predicted 6.37)."""
+    """A 4-bit cache under CPU attention costs its K/V values over the profiled packed rate, plus
+    each GPU batch's output waiting behind the weight copy in flight: C30C of benchmarks/RESULTS.md
+    (OPT-30B, weights streamed, 64 sequences, 4.07 G values/s in that call's profile: measured
+    7.44 s per decode step; the model without the wait predicted 6.37)."""
     family = resolve_model("facebook/opt-30b").family
     p = Policy(32, 2, 0, 100, 0, 100, 100, 0, cpu_cache_compute=True, compress_cache=True)
     prof = _h200()
