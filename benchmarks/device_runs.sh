@@ -25,6 +25,7 @@
 #               10 + 2, 12 + 2 (and N5 at 8) threads
 #   engine13    the GPU test of the engine's counted scheduling operations, then N4 N10 N5 N2 N9 (VAL13
 #               picks others) re-predicted with them (carry .whl_tests)
+#   p3diag      P3's auto policy taken apart (operations by caller, hot spots, kernels), N10 and P3 re-predicted
 #   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
 #               time) and the compression tests on the GPU
 #   eager12     eager decode steps with the Triton attention and without (FLEXGEN_TRITON_DECODE=0): N9 N2 N3,
@@ -149,6 +150,18 @@ for part in "$@"; do
         > "$OUT/engine13.txt" 2>&1
       show "$OUT/engine13.txt" | grep -v "host memory held"; tail -7 "$OUT/engine13.txt"
       python3 benchmarks/check_cost_model.py "$OUT/engine13.txt" "$OUT/profile.json" ;;
+    p3diag)
+      # P3's auto policy (OPT-30B 20/80 4-bit weights, 4-bit cache on the GPU, 32 x 3) taken apart:
+      # the engine's operations by caller, the step's Python hot spots and kernels; then N10 and P3
+      # re-predicted with the engine's counted operations
+      { python3 benchmarks/count_ops.py opt --percent 20 80 100 0 100 0 --ngb 3 --compress-weight --compress-cache \
+          --device cuda --by-caller --top 16 2>&1 | grep -v -i warn | tail -3
+        ROWS=24 timeout 240 python3 benchmarks/profile_step.py facebook/opt-30b 32 3 20 80 100 0 100 0 overlap \
+          compress-weight compress-cache 2>&1 | grep -v -i warn | head -120
+        bench N10 P3 --timeout 150 --extra "--cut-gen-len 6 --debug-mode breakdown" > /tmp/benchlogs/p3diag_runs.txt 2>&1
+        show /tmp/benchlogs/p3diag_runs.txt | grep -v "host memory held"; tail -3 /tmp/benchlogs/p3diag_runs.txt
+        python3 benchmarks/check_cost_model.py /tmp/benchlogs/p3diag_runs.txt "$OUT/profile.json"; } > "$OUT/p3diag.txt" 2>&1
+      cat "$OUT/p3diag.txt" ;;
     cache12)
       # the fused compressed-cache write against the per-segment one it replaced: identical bytes, host time
       { python3 benchmarks/cache_write_bench.py --percents 50 50 0
