@@ -33,6 +33,12 @@ SCENARIOS = {
     # the policy --percent auto chose for P3 on the H100 (session 2), run explicitly
     "P3x": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 60 40 60 40 100 0 --gpu-batch-size 32 "
                                 "--num-gpu-batches 2 --compress-weight --compress-cache"),
+    # issue 12: the policy --percent auto chose for P3 on a lent H200 (session 10), run explicitly
+    # under P3's caps (P3c) and without them (P3u)
+    "P3c": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 20 80 100 0 100 0 --gpu-batch-size 32 "
+                                "--num-gpu-batches 3 --compress-weight --compress-cache --gpu-mem 24GiB --cpu-mem 110GiB"),
+    "P3u": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 20 80 100 0 100 0 --gpu-batch-size 32 "
+                                "--num-gpu-batches 3 --compress-weight --compress-cache"),
     # issue 5: OPT-30B, weights and cache on CPU, attention next to the cache (64 sequences:
     # 45 GiB of cache + 56 GiB of weights within 110 GiB of host memory)
     "C30": ("flexgen.flex_opt", "--model facebook/opt-30b --percent 0 100 0 100 100 0 --gpu-batch-size 32 "

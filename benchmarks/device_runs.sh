@@ -26,6 +26,7 @@
 #   engine13    the GPU test of the engine's counted scheduling operations, then N4 N10 N5 N2 N9 (VAL13
 #               picks others) re-predicted with them (carry .whl_tests)
 #   p3diag      P3's auto policy taken apart (operations by caller, hot spots, kernels), N10 and P3 re-predicted
+#   final13     session 10's validation runs re-predicted (final model, engine counted here); P3c, P3u
 #   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
 #               time) and the compression tests on the GPU
 #   eager12     eager decode steps with the Triton attention and without (FLEXGEN_TRITON_DECODE=0): N9 N2 N3,
@@ -162,6 +163,17 @@ for part in "$@"; do
         show /tmp/benchlogs/p3diag_runs.txt | grep -v "host memory held"; tail -3 /tmp/benchlogs/p3diag_runs.txt
         python3 benchmarks/check_cost_model.py /tmp/benchlogs/p3diag_runs.txt "$OUT/profile.json"; } > "$OUT/p3diag.txt" 2>&1
       cat "$OUT/p3diag.txt" ;;
+    final13)
+      # session 10's validation runs re-predicted by the final model with each call's own profile and
+      # the engine's operations counted on this GPU; then P3's auto policy of call 4 with and without
+      # its caps (P3c, P3u)
+      { for c in 2 4 5; do
+          echo "-- call $c"; python3 benchmarks/check_cost_model.py benchmarks/results/h200-s10-call$c-runs.txt \
+            benchmarks/results/h200-s10-call$c-profile.json; done
+        bench P3c P3u --timeout 120 --extra "--cut-gen-len 6 --debug-mode breakdown" > /tmp/benchlogs/p3cu.txt 2>&1
+        show /tmp/benchlogs/p3cu.txt | grep -v "host memory held"; grep "per-step" /tmp/benchlogs/p3cu.txt
+        tail -3 /tmp/benchlogs/p3cu.txt; } > "$OUT/final13.txt" 2>&1
+      cat "$OUT/final13.txt" ;;
     cache12)
       # the fused compressed-cache write against the per-segment one it replaced: identical bytes, host time
       { python3 benchmarks/cache_write_bench.py --percents 50 50 0
