@@ -39,9 +39,6 @@ class EngineExtra:
     per_layer: float
     per_step: float
 
-    def per_layer_batch(self, ngb: int) -> float:
-        return self.per_layer / max(ngb, 1)
-
 
 def _mini_policy(policy, head_dim: int):
     """The policy for the miniature: small GPU batches, the cache's groups no wider than its heads
@@ -60,22 +57,22 @@ def _count_step(family, policy, device) -> int:
     from ..engine.generate import LM
     from ..env import ExecutionEnv
     from .op_count import _Counter
-    env = ExecutionEnv.create(tempfile.mkdtemp(prefix="flexgen-engine-ops-"), device=device,
-                              cpu_threads=torch.get_num_threads(), io_threads=1)
-    env.cuda_graphs = False    # eager steps: a replayed step's host work is counted apart
-    lm = None
-    try:
-        lm = LM(family.config, env, "_DUMMY_", policy, progress=False)
-        ids = np.random.default_rng(0).integers(3, family.info().vocab_size - 1,
-                                                size=(policy.gpu_batch_size * policy.num_gpu_batches, 8))
-        marks = []
-        with _Counter() as mode:
-            lm.generate(ids, max_new_tokens=4, on_step=lambda i: marks.append(mode.n))
-        return marks[-1] - marks[-2]
-    finally:
-        if lm is not None:
-            lm.close()
-        env.close_copy_threads()
+    with tempfile.TemporaryDirectory(prefix="flexgen-engine-ops-") as offload:
+        env = ExecutionEnv.create(offload, device=device, cpu_threads=torch.get_num_threads(), io_threads=1)
+        env.cuda_graphs = False    # eager steps: a replayed step's host work is counted apart
+        lm = None
+        try:
+            lm = LM(family.config, env, "_DUMMY_", policy, progress=False)
+            ids = np.random.default_rng(0).integers(3, family.info().vocab_size - 1,
+                                                    size=(policy.gpu_batch_size * policy.num_gpu_batches, 8))
+            marks = []
+            with _Counter() as mode:
+                lm.generate(ids, max_new_tokens=4, on_step=lambda i: marks.append(mode.n))
+            return marks[-1] - marks[-2]
+        finally:
+            if lm is not None:
+                lm.close()
+            env.close_copy_threads()
 
 
 def engine_extra(family, policy, device, is_cuda: bool) -> EngineExtra:
