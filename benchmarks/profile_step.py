@@ -1,6 +1,6 @@
 """Profile one generate() call of a dummy model (any family): Python hot spots (cProfile) and kernels
 (torch.profiler). Usage: PYTHONPATH=. python3 benchmarks/profile_step.py facebook/opt-6.7b 8 1 100 0 100 0 100 0
-[overlap] [compress-weight] [compress-cache] [cpu-cache-compute] [prefill] [no-kernels]
+[overlap] [compress-weight] [compress-cache] [cpu-cache-compute] [prefill] [no-kernels] [flexgen-grouping]
 prefill: first the hot spots of a prefill alone (generate of one token, reusing the warm-up's
 cache memory; the next call's cache is fresh); no-kernels: no torch.profiler."""
 import cProfile
@@ -12,15 +12,21 @@ import tempfile
 import numpy as np
 import torch
 
-from flexgen.cli import lm_class_for
+from flexgen.cli import DEFAULT_CACHE_GROUP, DEFAULT_WEIGHT_GROUPING, lm_class_for
 from flexgen.flex_opt import ExecutionEnv, Policy
+from flexgen.policy import CompressionConfig
 
 model, gbs, ngb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 pct = [float(x) for x in sys.argv[4:10]]
 flags = set(sys.argv[10:])
 env = ExecutionEnv.create(tempfile.mkdtemp())
+# the CLI's default compression grouping (weights in groups along dim 1, since issue 12 item 8), as a
+# user's run has it; `flexgen-grouping` keeps FlexGen's CompressionConfig (groups along dim 0)
+grouping = {} if "flexgen-grouping" in flags else dict(
+    comp_weight_config=CompressionConfig(4, DEFAULT_WEIGHT_GROUPING[0], DEFAULT_WEIGHT_GROUPING[1], False),
+    comp_cache_config=CompressionConfig(4, DEFAULT_CACHE_GROUP, 2, False))
 policy = Policy(gbs, ngb, *pct, overlap="overlap" in flags, compress_weight="compress-weight" in flags,
-                compress_cache="compress-cache" in flags, cpu_cache_compute="cpu-cache-compute" in flags)
+                compress_cache="compress-cache" in flags, cpu_cache_compute="cpu-cache-compute" in flags, **grouping)
 lm = lm_class_for(model)(model, env, "_DUMMY_", policy, progress=False)
 ids = np.random.default_rng(0).integers(100, 1000, size=(gbs * ngb, 512))
 # with `prefill`, the warm-up's cache has the prefill-alone call's shape: that call reuses its host memory
