@@ -347,3 +347,19 @@ def test_cpu_attention_output_waits_behind_the_weight_copy_in_flight():
     mlp = max(math.prod(x.shape) for x in fam.layers()[2].weights) * 2   # the largest MLP weight, fp16
     waits = fam.info().num_layers * 2 * 0.5 * mlp / (prof["gpu"]["h2d_pinned_gib_s"] * cm.GiB)
     assert t_s >= t_r + waits * 0.99
+
+
+def test_weights_unpack_at_the_rate_of_their_grouping():
+    """The profile times the fused unpacking for both weight layouts (groups along dim 0, FlexGen's,
+    and along dim 1, the CLI's default); a policy's weights unpack at its own layout's rate, and a
+    profile without the dim-1 figure uses the one it has."""
+    fam = _family("facebook/opt-30b")
+    prof = copy.deepcopy(DEFAULT_PROFILE)
+    w = Workload(512, 32)
+    dim0 = Policy(32, 3, 20, 80, 100, 0, 100, 0, compress_weight=True)
+    dim1 = dim0.replace(comp_weight_config=CompressionConfig(4, 64, 1, False))
+    same = [predict(fam, w, p, prof).decode_step_s for p in (dim0, dim1)]
+    assert same[0] == same[1]
+    prof["gpu"]["dequant_dim1_gelem_s"] = prof["gpu"]["dequant_gelem_s"] / 4
+    t0, t1 = (predict(fam, w, p, prof).decode_step_s for p in (dim0, dim1))
+    assert t0 == same[0] and t1 > t0

@@ -139,13 +139,15 @@ class Rates:
             self.dev_bw = g["mem_bw_gib_s"] * GiB
             self.flops = g.get("fp16_tflops_best", _best(g.get("fp16_tflops"))) * 1e12
             self.dequant = g["dequant_gelem_s"] * 1e9
+            # weights grouped along dim 1 (the CLI's default) where the profile measured that layout
+            self.dequant_dim1 = g.get("dequant_dim1_gelem_s", g["dequant_gelem_s"]) * 1e9
             self.host_op = g.get("host_op_s") or reference_host_op_s(True)
             self.cache_op = g.get("cache_op_s") or CACHE_OP_RATIO * self.host_op
         else:  # the CPU is the compute device: its memory is the "gpu" and the "cpu" tier
             self.h2d_pinned = self.h2d_pageable = self.d2h = math.inf
             self.dev_bw = c.get("mem_bw_gib_s", 20.0) * GiB
             self.flops = _best(c.get("matmul_gflops")) * 1e9
-            self.dequant = self.cpu_dequant
+            self.dequant = self.dequant_dim1 = self.cpu_dequant
             self.host_op = c.get("host_op_s") or reference_host_op_s(False)
             self.cache_op = c.get("cache_op_s") or CACHE_OP_RATIO * self.host_op
 
@@ -494,6 +496,7 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
     moe = any(layer.kind == "moe" for layer in _layers(family))
     graph = graph_eligible(grid) if graph_op_s is not None and not moe else np.zeros(n, dtype=bool)
     succ = _successors(family)
+    w_dequant = rates.dequant_dim1 if (grid.base and grid.base.comp_weight_config.group_dim % 2 == 1) else rates.dequant
 
     def step_time(tokens: int, ctx: float, prefill: bool):
         total = z()
@@ -528,7 +531,7 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                 ntok = g if r["kind"] == "head" else g * tokens   # the head sees one position per sequence
                 flops = rates.flops * (PREFILL_EFFICIENCY if prefill else 1.0)
                 mm = np.maximum(ntok * r["flops"] / flops, _matmul_read(r, ntok) / rates.dev_bw)
-                dev = k * mm + r["deq"] / rates.dequant
+                dev = k * mm + r["deq"] / w_dequant
                 if r["kind"] == "attention":
                     hidx = ai
                     ai += 1
