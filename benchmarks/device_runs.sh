@@ -27,6 +27,7 @@
 #               picks others) re-predicted with them (carry .whl_tests)
 #   p3diag      P3's auto policy taken apart (operations by caller, hot spots, kernels), N10 and P3 re-predicted
 #   final13     session 10's validation runs re-predicted (final model, engine counted here); P3c, P3u
+#   p3group     P3's session-10 policy: weight unpacking by grouping, profile_step with either grouping, P3c
 #   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
 #               time) and the compression tests on the GPU
 #   eager12     eager decode steps with the Triton attention and without (FLEXGEN_TRITON_DECODE=0): N9 N2 N3,
@@ -174,6 +175,19 @@ for part in "$@"; do
         show /tmp/benchlogs/p3cu.txt | grep -v "host memory held"; grep "per-step" /tmp/benchlogs/p3cu.txt
         tail -3 /tmp/benchlogs/p3cu.txt; } > "$OUT/final13.txt" 2>&1
       cat "$OUT/final13.txt" ;;
+    p3group)
+      # P3's policy of session 10 (call 4): the GPU's weight unpacking by grouping (the profile's two
+      # figures), profile_step's decode steps with the CLI's grouping and with FlexGen's, and the CLI
+      # run re-predicted with the dim-1 rate
+      { python3 -c "import json; g = json.load(open('$OUT/profile.json'))['gpu']; \
+print('unpack G values/s: dim 0', round(g['dequant_gelem_s']), 'dim 1', round(g['dequant_dim1_gelem_s']))"
+        for grp in "" flexgen-grouping; do
+          echo "-- profile_step $grp"
+          timeout 200 python3 benchmarks/profile_step.py facebook/opt-30b 32 3 20 80 100 0 100 0 overlap \
+            compress-weight compress-cache no-kernels $grp 2>&1 | grep -E "^timings"; done
+        bench P3c --timeout 120 --extra "--cut-gen-len 6 --debug-mode breakdown" > /tmp/benchlogs/p3g.txt 2>&1
+        show /tmp/benchlogs/p3g.txt | grep -v "host memory held"; tail -2 /tmp/benchlogs/p3g.txt; } > "$OUT/p3group.txt" 2>&1
+      cat "$OUT/p3group.txt" ;;
     cache12)
       # the fused compressed-cache write against the per-segment one it replaced: identical bytes, host time
       { python3 benchmarks/cache_write_bench.py --percents 50 50 0
