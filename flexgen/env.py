@@ -95,6 +95,7 @@ class ExecutionEnv:
         if threads is None:  # constructed directly: leave torch alone, one worker per pool
             threads = ThreadSplit(torch.get_num_threads(), 1, False, False, torch.get_num_threads())
         self.threads = threads
+        self._fitted_for = None   # the policy fit_threads last resolved the split for
         self.numa = numa
         self.host_bytes = HostBytes(cpu_mem)
         self._staging = Staging(alloc=self._alloc_staging)
@@ -136,15 +137,17 @@ class ExecutionEnv:
     def fit_threads(self, policy, profile: dict | None = None) -> None:
         """Re-resolve an `auto` thread split for the policy (no I/O cores when nothing is on
         disk; CPU attention at the profile's best thread count; see parallel.py). Before any I/O
-        pool exists; explicit counts stay."""
+        pool exists; explicit counts stay. A second call for the same policy (the CLI fits the
+        split before the header, the model again when it is built) keeps the first's."""
         t = self.threads
-        if not (t.cpu_auto or t.io_auto) or self._pools:
+        if not (t.cpu_auto or t.io_auto) or self._pools or policy == self._fitted_for:
             return
         if profile is None and self.is_cuda and uses_cpu_attention(policy):
             from .profile import this_machines_profile
             profile = this_machines_profile()
         self.threads = policy_threads(policy, None if t.cpu_auto else t.cpu_threads,
                                       None if t.io_auto else t.io_threads, t.cores, profile, self.is_cuda)
+        self._fitted_for = policy
         torch.set_num_threads(self.threads.cpu_threads)
 
     # ---- construction -------------------------------------------------------------------------
