@@ -28,6 +28,8 @@
 #   p3diag      P3's auto policy taken apart (operations by caller, hot spots, kernels), N10 and P3 re-predicted
 #   final13     session 10's validation runs re-predicted (final model, engine counted here); P3c, P3u
 #   p3group     P3's session-10 policy: weight unpacking by grouping, profile_step with either grouping, P3c
+#   dequant14   benchmarks/dequant_bench.py (weight unpacking by kernel and tile), the kernels' GPU tests
+#               (carry .whl_tests: pip download -d .whl_tests pytest), P3c with the row kernel
 #   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
 #               time) and the compression tests on the GPU
 #   eager12     eager decode steps with the Triton attention and without (FLEXGEN_TRITON_DECODE=0): N9 N2 N3,
@@ -186,8 +188,24 @@ print('unpack G values/s: dim 0', round(g['dequant_gelem_s']), 'dim 1', round(g[
           timeout 200 python3 benchmarks/profile_step.py facebook/opt-30b 32 3 20 80 100 0 100 0 overlap \
             compress-weight compress-cache no-kernels $grp 2>&1 | grep -E "^timings"; done
         bench P3c --timeout 120 --extra "--cut-gen-len 6 --debug-mode breakdown" > /tmp/benchlogs/p3g.txt 2>&1
-        show /tmp/benchlogs/p3g.txt | grep -v "host memory held"; tail -2 /tmp/benchlogs/p3g.txt; } > "$OUT/p3group.txt" 2>&1
+        show /tmp/benchlogs/p3g.txt | grep -v "host memory held"; tail -2 /tmp/benchlogs/p3g.txt
+        echo "-- P3c with FlexGen's grouping (64 along dim 0)"
+        bench P3c --timeout 120 --extra "--cut-gen-len 6 --debug-mode breakdown --comp-weight-group 64 \
+--comp-weight-dim 0 --comp-cache-group 64" > /tmp/benchlogs/p3g0.txt 2>&1
+        show /tmp/benchlogs/p3g0.txt | grep -v "host memory held"; tail -2 /tmp/benchlogs/p3g0.txt; } > "$OUT/p3group.txt" 2>&1
       cat "$OUT/p3group.txt" ;;
+    dequant14)
+      # the row kernel for weights grouped along dim 1 (the CLI's default): its tiles against the
+      # generic kernel, the GPU tests of the kernels, and P3c (call 4's P3 policy) with it
+      { python3 -m pip install -q --no-index .whl_tests/*.whl 2>&1 | tail -1
+        python3 -c "import json; g = json.load(open('$OUT/profile.json'))['gpu']; \
+print('unpack G values/s: dim 0', round(g['dequant_gelem_s']), 'dim 1', round(g['dequant_dim1_gelem_s']))"
+        timeout 120 python3 benchmarks/dequant_bench.py
+        FLEXGEN_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -rf tests/test_triton_dequant.py \
+          tests/test_compression.py 2>&1 | grep -E "^FAILED|passed|failed|Error" | cut -c1-400
+        bench P3c --timeout 120 --extra "--cut-gen-len 6 --debug-mode breakdown" > /tmp/benchlogs/p3d.txt 2>&1
+        show /tmp/benchlogs/p3d.txt | grep -v "host memory held"; tail -2 /tmp/benchlogs/p3d.txt
+      } > "$OUT/dequant14.txt" 2>&1; cat "$OUT/dequant14.txt" ;;
     cache12)
       # the fused compressed-cache write against the per-segment one it replaced: identical bytes, host time
       { python3 benchmarks/cache_write_bench.py --percents 50 50 0

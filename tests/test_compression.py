@@ -93,10 +93,12 @@ def test_every_placement_gives_the_same_tokens(open_lm, name, bits):
     base = outs["all_compute"]
     for placement, out in outs.items():
         if DEVICE_TYPE == "cuda" and "cpu_attn" in placement:
-            # fp16 attention on the CPU and on the GPU round differently: near-ties of a tiny
-            # random model may flip, the rest must agree
-            same = (out[:, 10:] == base[:, 10:]).mean()
-            assert same >= 0.9, (placement, same)
+            # fp16 attention on the CPU and on the GPU round differently: a near-tie of a tiny
+            # random model may flip one token, and the rest of that sequence follows the flip
+            # (on the H200 the GQA model's CPU attention placements had 6-7 of 56 tokens differ,
+            # all after one flip). Every other sequence must agree exactly.
+            differs = [i for i in range(len(out)) if not np.array_equal(out[i], base[i])]
+            assert len(differs) <= 1, (placement, differs)
             continue
         assert np.array_equal(out, base), placement
 
