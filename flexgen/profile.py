@@ -391,7 +391,7 @@ def profile_gpu(quick: bool) -> dict | None:
     out["fp16_tflops_best"] = max(out["fp16_tflops"].values())
     w = torch.randn(4096, 4096 if quick else 16384, device=dev, dtype=torch.float16)
     # weights unpacked as FlexGen groups them (along dim 0), and as --compress-weight does by default
-    # (along dim 1, issue 12 item 8): the two layouts run the kernel with different memory orders
+    # (along dim 1, issue 12 item 8): the two layouts run different kernels (triton_dequant.py)
     for key, dim in (("dequant_gelem_s", 0), ("dequant_dim1_gelem_s", 1)):
         packed = compress(w, CompressionConfig(num_bits=4, group_size=64, group_dim=dim))
         out[key] = w.numel() / _timeit(lambda: decompress(packed, torch.float16), reps, sync, budget) / 1e9

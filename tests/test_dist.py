@@ -250,6 +250,42 @@ def test_original_launch_flags_two_ranks(zoo, open_lm, tmp_path):
     assert os.listdir(offload) == [], "each rank removes its offload dir"
 
 
+def test_percent_auto_measures_the_machine_once_then_reads_it(zoo, tmp_path):
+    """--percent auto on a pipeline without a profile of this machine: the first rank of the
+    machine measures it (rank 0 says so once), the others read what it saved, and each rank
+    prints its stage's policy. A second run reads the saved profile, measures nothing, and plans
+    and generates exactly the same (auto may compress a stage's weights, so the tokens are
+    checked against the first run; stage splits against one process: the tests above)."""
+    prof = tmp_path / "profile.json"
+    env = dict(_env(), FLEXGEN_PROFILE=str(prof))
+
+    def run():
+        flags = ["--percent", "auto", "--head-ip", "127.0.0.1", "--port", str(_port()), "--world-size", "2",
+                 "--comm-timeout", "60"]
+        procs = [subprocess.Popen([sys.executable, "-m", "flexgen.dist_flex_opt",
+                                   *_cli_flags(zoo, "opt-tiny", tmp_path / "offload", flags), "--rank", str(r),
+                                   "--local-rank", str(r)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                 for r in range(2)]
+        results, _ = _wait_all(procs, 240)
+        for r, (rc, out, err) in enumerate(results):
+            assert rc == 0, f"rank {r}: {err[-3000:]}"
+        assert results[1][1].strip() == "", "only rank 0 prints"
+        out = results[0][1]
+        plan = re.findall(r"^  rank \d: --percent .*$", out, flags=re.M)
+        assert len(plan) == 2 and "auto policy per rank:" in out, out
+        return out, plan, _printed_ids(out)
+
+    out, plan, ids = run()
+    assert out.count("no profile of this machine: measured this machine in") == 1, out
+    saved = json.loads(prof.read_text())
+    assert saved["machine"]["cores"] >= 1 and "cpu" in saved
+    out2, plan2, ids2 = run()
+    assert "measured this machine" not in out2, out2
+    assert json.loads(prof.read_text())["created"] == saved["created"]   # read, not measured again
+    assert plan2 == plan and ids2 == ids and len(ids) == 6
+
+
 def test_torchrun_launch_llama(zoo, open_lm, tmp_path):
     offload = tmp_path / "offload"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),

@@ -182,7 +182,7 @@ def _run(args, lm_class, log_prefix, launch, guard, family, policy):
         share = MachineMemory(None if free.gpu is None else free.gpu // (1 if gpu_cap else len(same_dev)),
                               free.host // (1 if host_cap else len(same_host)), free.disk // len(same_host))
         if policy is None:
-            policy = _auto_policy(args, stage_family, share, env, comm, rank)
+            policy = _auto_policy(args, stage_family, share, env, comm, rank, same_host)
         env.fit_threads(policy)
         if not args.force:
             est = estimate_memory(stage_family, policy, args.prompt_len, args.gen_len, env.is_cuda)
@@ -227,10 +227,20 @@ def _run(args, lm_class, log_prefix, launch, guard, family, policy):
     return 0
 
 
-def _auto_policy(args, stage_family, share, env, comm, rank):
-    """--percent auto per rank; the ranks then agree on the smallest block (every micro-batch
-    crosses every stage), and re-choose their placements for it."""
+def _auto_policy(args, stage_family, share, env, comm, rank, same_host):
+    """--percent auto per rank, on this machine's profile; the ranks then agree on the smallest
+    block (every micro-batch crosses every stage), and re-choose their placements for it."""
     from ..optimizer.search import NoPolicyFits, choose_policy
+    from ..profile import profile_for_run
+    # without a profile of this machine the first rank on it measures it (one line on rank 0
+    # says so), the others wait and read what it saved: ranks measuring side by side would
+    # time each other's load
+    log = print if rank == 0 and args.verbose else (lambda _msg: None)
+    if rank == same_host[0]:
+        profile = profile_for_run(env.offload_dir, log=log)
+    comm.barrier("machine profiled", args.load_timeout)
+    if rank != same_host[0]:
+        profile = profile_for_run(env.offload_dir, log=log)
     limits = MachineMemory(args.gpu_mem if args.gpu_mem is not None and env.is_cuda else share.gpu,
                            args.cpu_mem if args.cpu_mem is not None else share.host,
                            args.disk_mem if args.disk_mem is not None else share.disk)
@@ -240,8 +250,8 @@ def _auto_policy(args, stage_family, share, env, comm, rank):
 
     def choose(g, n):
         try:
-            return choose_policy(stage_family, args.prompt_len, args.gen_len, limits, base=base,
-                                 gpu_batch_size=g, num_gpu_batches=n)
+            return choose_policy(stage_family, args.prompt_len, args.gen_len, limits, profile=profile,
+                                 base=base, gpu_batch_size=g, num_gpu_batches=n)
         except NoPolicyFits:
             gpu = "no GPU" if limits.gpu is None else f"GPU {limits.gpu / GiB:.1f} GiB"
             raise PolicyError(f"--percent auto: no policy fits rank {rank}'s stage in {gpu}, host "
