@@ -11,8 +11,6 @@ import shlex
 
 import pytest
 
-import tiny_models as T
-
 from flexgen import cli
 from flexgen.flex_llama import LlamaLM
 from flexgen.flex_opt import OptLM

@@ -26,6 +26,25 @@ SCRIPT = textwrap.dedent("""
                     got = triton_dequant._launch(p, torch.float32, shape)
                     want = _decompress_torch(p, torch.float32, shape)
                     assert torch.equal(got, want), (bits, sym, dim, shape, (got - want).abs().max())
+    # each kernel is checked against the reference the first time it runs, and trusted only then
+    import warnings
+    x = torch.randn(64, 48, generator=g)
+    for dim in (0, 1):
+        p = compress(x, CompressionConfig(4, 16, dim, False))
+        got = triton_dequant.unpack(p, torch.float32, (64, 48), _decompress_torch)
+        assert torch.equal(got, _decompress_torch(p, torch.float32, (64, 48)))
+    assert triton_dequant._STATE["ok"] == {"generic", "rows"}, triton_dequant._STATE
+    triton_dequant._STATE["checked"].clear()
+    triton_dequant._STATE["ok"].clear()
+    good = triton_dequant._launch
+    triton_dequant._launch = lambda p, dtype, shape, out=None: torch.zeros(shape, dtype=dtype)   # a broken kernel
+    p = compress(x, CompressionConfig(4, 16, 1, False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = triton_dequant.unpack(p, torch.float32, (64, 48), _decompress_torch)
+    assert torch.equal(got, _decompress_torch(p, torch.float32, (64, 48)))   # the PyTorch path served
+    assert "rows" not in triton_dequant._STATE["ok"] and any("(rows) disagrees" in str(w.message) for w in caught)
+    triton_dequant._launch = good
     print("ok")
 """)
 

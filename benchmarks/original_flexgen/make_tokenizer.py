@@ -56,8 +56,6 @@ def write_repo(hub_dir, name, tok):
     with open(os.path.join(base, "refs", "main"), "w") as f:
         f.write(commit)
     tok.save(os.path.join(snap, "tokenizer.json"))
-    special = lambda s: {"content": s, "lstrip": False, "normalized": True, "rstrip": False,
-                         "single_word": False, "__type": "AddedToken"}
     tcfg = {
         "tokenizer_class": "GPT2Tokenizer",
         "add_bos_token": True, "add_eos_token": False, "add_prefix_space": False,
