@@ -30,6 +30,8 @@
 #   p3group     P3's session-10 policy: weight unpacking by grouping, profile_step with either grouping, P3c
 #   dequant14   benchmarks/dequant_bench.py (weight unpacking by kernel and tile), the kernels' GPU tests
 #               (carry .whl_tests: pip download -d .whl_tests pytest), P3c with the row kernel
+#   packed15    FLEXGEN_CUDA_GRAPHS=packed (graphs over packed weights and cache) against eager, OPT-30B
+#               all on the GPU at 4 bits, 16 x 1 under 24 GiB; the graph tests on the GPU (carry .whl_tests)
 #   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
 #               time) and the compression tests on the GPU
 #   eager12     eager decode steps with the Triton attention and without (FLEXGEN_TRITON_DECODE=0): N9 N2 N3,
@@ -206,6 +208,19 @@ print('unpack G values/s: dim 0', round(g['dequant_gelem_s']), 'dim 1', round(g[
         bench P3c --timeout 120 --extra "--cut-gen-len 6 --debug-mode breakdown" > /tmp/benchlogs/p3d.txt 2>&1
         show /tmp/benchlogs/p3d.txt | grep -v "host memory held"; tail -2 /tmp/benchlogs/p3d.txt
       } > "$OUT/dequant14.txt" 2>&1; cat "$OUT/dequant14.txt" ;;
+    packed15)
+      # decode steps over packed weights and cache on the GPU replayed as CUDA graphs
+      # (FLEXGEN_CUDA_GRAPHS=packed) against eager, OPT-30B all on the GPU at 4 bits under the
+      # 24 GiB cap, and the graph tests on the GPU (carry .whl_tests)
+      { python3 -m pip install -q --no-index .whl_tests/*.whl 2>&1 | tail -1
+        FLEXGEN_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -rf tests/test_cuda_graphs.py 2>&1 \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+        for mode in 1 packed; do
+          echo "-- FLEXGEN_CUDA_GRAPHS=$mode"
+          FLEXGEN_CUDA_GRAPHS=$mode bench P3c --timeout 150 --extra "--percent 100 0 100 0 100 0 --gpu-batch-size 16 \
+--num-gpu-batches 1 --cut-gen-len 6" > /tmp/benchlogs/pk$mode.txt 2>&1
+          show /tmp/benchlogs/pk$mode.txt | grep -v "host memory held"; grep -i "warn\|graph" /tmp/benchlogs/pk$mode.txt | head -3
+          tail -1 /tmp/benchlogs/pk$mode.txt; done; } > "$OUT/packed15.txt" 2>&1; cat "$OUT/packed15.txt" ;;
     cache12)
       # the fused compressed-cache write against the per-segment one it replaced: identical bytes, host time
       { python3 benchmarks/cache_write_bench.py --percents 50 50 0

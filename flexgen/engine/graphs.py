@@ -27,6 +27,12 @@ memory is one step's live intermediates per GPU batch, in one shared pool (P4: ~
 up to allocator segments of 2-20 MiB), and the static inputs are a few KiB: both negligible next
 to the 13 GB of weights and 2.3 GB of cache, so the memory model leaves them out.
 
+Packed weights and a packed KV cache on the device fit the same step: each layer's weights are
+unpacked inside it (the kernel the eager step runs), the new K/V row is quantised and stored at
+the device-tensor position, and the whole capacity is unpacked for attention, with the new row
+itself attended at full precision (as the eager step does). Those steps are taken only with
+FLEXGEN_CUDA_GRAPHS=packed for now (see packed_steps).
+
 FLEXGEN_CUDA_GRAPHS=0 (or ExecutionEnv.cuda_graphs = False, the CLI's `--no-cuda-graphs`) turns this off;
 FLEXGEN_CUDA_GRAPHS=static runs the static step without capture on any device (the CPU tests
 prove with it that the static formulation gives the eager path's tokens).
@@ -46,16 +52,30 @@ from .attention import attend as attention_core
 ENV_VAR = "FLEXGEN_CUDA_GRAPHS"
 
 
+def _flag() -> str:
+    flag = os.environ.get(ENV_VAR, "1").strip().lower()
+    if flag not in ("", "1", "0", "static", "packed"):
+        raise PolicyError(f"{ENV_VAR} must be 1 (CUDA graphs where possible), 0 (off), static or packed, "
+                          f"got {flag!r}")
+    return flag
+
+
 def graph_mode(env) -> str | None:
     """"graph" (capture and replay), "static" (the capturable step run eagerly) or None."""
-    flag = os.environ.get(ENV_VAR, "1").strip().lower()
-    if flag not in ("", "1", "0", "static"):
-        raise PolicyError(f"{ENV_VAR} must be 1 (CUDA graphs where possible), 0 (off) or static, got {flag!r}")
+    flag = _flag()
     if flag == "0" or not env.cuda_graphs:
         return None
     if flag == "static":
         return "static"
     return "graph" if env.is_cuda else None
+
+
+def packed_steps() -> bool:
+    """Whether steps over packed weights or a packed cache (on the compute device) are taken:
+    FLEXGEN_CUDA_GRAPHS=packed, or static (the CPU tests of the formulation). Not by default yet:
+    a captured step holds its unpacked layer and cache capacity in the graph pool, which the
+    memory pre-flight does not count, and neither its speed nor that memory is measured."""
+    return _flag() in ("static", "packed")
 
 
 def _in_place(env, percents) -> bool:
@@ -71,10 +91,14 @@ def ineligible(runner) -> str | None:
         return "a pipeline stage (hidden states in or out)"
     if any(layer.kind == "moe" for layer in layers):
         return "routed experts (their shapes depend on the data)"
-    if not all(runner.weights.resident(j) for j in range(len(layers))):
-        return "weights not all on the compute device, unpacked"
-    if p.compress_cache or not _in_place(env, p.percents("cache")) or (p.cpu_cache_compute and p.cache_cpu_percent):
-        return "the KV cache is not all on the compute device, uncompressed"
+    # packed weights on the device are unpacked inside the step, by the same kernel as eagerly
+    packed_here = p.compress_weight and _in_place(env, p.percents("weight"))
+    if not (packed_here or all(runner.weights.resident(j) for j in range(len(layers)))):
+        return "weights not all on the compute device"
+    if not _in_place(env, p.percents("cache")) or (p.cpu_cache_compute and p.cache_cpu_percent):
+        return "the KV cache is not all on the compute device"
+    if (p.compress_weight or p.compress_cache) and not packed_steps():
+        return f"packed weights or KV cache ({ENV_VAR}=packed captures those steps)"
     if not _in_place(env, p.percents("act")):
         return "activations off the compute device"
     if p.attn_sparsity < 1.0:
@@ -118,9 +142,15 @@ class DecodeGraphs:
             self.cur = torch.zeros(1, dtype=torch.long, device=dev)
             self.cols = torch.arange(s0 + T, device=dev)
         # rows past the prompt are attended (masked) before they are written: make them finite
+        # (packed: zero codes, scales and minimums unpack to zeros)
         for c in self.caches.values():
-            for rows in c.resident_rows(0, s0 + T, s0):
-                rows.zero_()
+            if c.compressed:
+                for store in (c.k, c.v):
+                    for part in store.view_rows(0, s0 + T, s0, defer=True).tensors():
+                        part.zero_()
+            else:
+                for rows in c.resident_rows(0, s0 + T, s0):
+                    rows.zero_()
         self.capture = mode == "graph" and self.failed is None
         self.in_use = True
         self.fresh = set(range(p.num_gpu_batches))   # batches whose prompt mask is not copied yet
@@ -186,11 +216,26 @@ class DecodeGraphs:
         return h
 
     def _attender(self, cache, valid, invalid, at, windows):
-        kc, vc = cache.resident_rows(0, self.cols.numel())   # (capacity, b, kv_heads, d)
+        cap = self.cols.numel()
+        if cache.compressed:   # the packed stores (capacity, b, kv_heads, groups, bytes), in place
+            packed = (cache.k.view_rows(0, cap, defer=True), cache.v.view_rows(0, cap, defer=True))
+        else:
+            stored = cache.resident_rows(0, cap)   # (capacity, b, kv_heads, d)
 
         def attend(q, k_new, v_new, scale, window=None):
-            kc.index_copy_(0, at, k_new.transpose(0, 1))
-            vc.index_copy_(0, at, v_new.transpose(0, 1))
+            k_row, v_row = k_new.transpose(0, 1), v_new.transpose(0, 1)
+            if cache.compressed:
+                # as the eager step: the new row is stored quantised, the rows before it are read
+                # unpacked, and the new row itself is attended at full precision
+                rows = cache.new_rows(k_row, v_row)
+                for store, parts in zip(packed, (rows.k, rows.v)):
+                    for dst, src in zip(store.tensors(), parts):
+                        dst.index_copy_(0, at, src)
+                kc, vc = packed[0].value(), packed[1].value()   # the whole capacity, unpacked
+            else:
+                kc, vc = stored
+            kc.index_copy_(0, at, k_row.to(kc.dtype))
+            vc.index_copy_(0, at, v_row.to(vc.dtype))
             seen, unseen = valid, invalid
             if window is not None:   # the last `window` positions, as attention.in_window keeps them
                 if window not in windows:
