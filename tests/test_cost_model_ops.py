@@ -305,6 +305,23 @@ def test_engine_extra_is_what_the_engine_issues_on_the_gpu():
     _engine_check("cuda", True)
 
 
+def test_a_pipeline_stage_counts_the_engine_operations_of_its_layers():
+    """dist --percent auto counts the engine's operations for a stage (StageFamily.miniature is
+    the whole model's): per layer what the whole model's count gives, over the stage's layers."""
+    from flexgen.dist.stages import StageFamily, split_stages
+    from flexgen.optimizer import engine_ops
+    fam = _family("facebook/opt-1.3b")
+    ranges = split_stages(fam.layers(), 2)
+    policy = Policy(4, 2, 50, 50, 100, 0, 100, 0, compress_weight=True)
+    whole = engine_ops.engine_extra(fam, policy, "cpu", False)
+    prof, w = copy.deepcopy(DEFAULT_PROFILE), Workload(128, 8)
+    for r in ranges:
+        stage = StageFamily(fam, r)
+        assert engine_ops.engine_extra(stage, policy, "cpu", False) == whole
+        base, counted = (predict(stage, w, policy, prof, is_cuda=True, count_on=c) for c in (None, "cpu"))
+        assert counted.decode_step_s > base.decode_step_s
+
+
 def test_counted_engine_operations_lengthen_eager_decode_steps_only():
     fam = _family("meta-llama/Meta-Llama-3-8B")
     prof = copy.deepcopy(DEFAULT_PROFILE)

@@ -250,8 +250,11 @@ def _auto_policy(args, stage_family, share, env, comm, rank, same_host):
 
     def choose(g, n):
         try:
+            # pipeline stages decode eagerly (no graph hook); the engine's operations counted
+            # on this rank's GPU, as a single-process --percent auto does
             return choose_policy(stage_family, args.prompt_len, args.gen_len, limits, profile=profile,
-                                 base=base, gpu_batch_size=g, num_gpu_batches=n)
+                                 base=base, gpu_batch_size=g, num_gpu_batches=n,
+                                 count_on=cli.count_device(env))
         except NoPolicyFits:
             gpu = "no GPU" if limits.gpu is None else f"GPU {limits.gpu / GiB:.1f} GiB"
             raise PolicyError(f"--percent auto: no policy fits rank {rank}'s stage in {gpu}, host "

@@ -70,6 +70,12 @@ class StageFamily(ModelFamily):
     def layers(self):
         return list(self._layers)
 
+    def miniature(self, num_layers: int) -> ModelFamily:
+        """The whole model's miniature (optimizer/engine_ops.py): a stage's layers issue the same
+        engine operations per layer; its once-per-step ones are those of the whole model (the
+        embedding and the head's, which a middle stage lacks: a small overcount)."""
+        return self.inner.miniature(num_layers)
+
 
 def describe_stage(layers, layer_range) -> str:
     """e.g. "embed + blocks 0-5" for the header of each rank."""
