@@ -213,7 +213,7 @@ print('unpack G values/s: dim 0', round(g['dequant_gelem_s']), 'dim 1', round(g[
       # (FLEXGEN_CUDA_GRAPHS=packed) against eager, OPT-30B all on the GPU at 4 bits under the
       # 24 GiB cap, and the graph tests on the GPU (carry .whl_tests)
       { python3 -m pip install -q --no-index .whl_tests/*.whl 2>&1 | tail -1
-        FLEXGEN_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -rf tests/test_cuda_graphs.py 2>&1 \
+        FLEXGEN_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -rf tests/test_cuda_graphs.py tests/test_triton_dequant.py 2>&1 \
           | grep -E "^FAILED|passed|failed" | cut -c1-300
         for mode in 1 packed; do
           echo "-- FLEXGEN_CUDA_GRAPHS=$mode"
