@@ -142,15 +142,8 @@ class DecodeGraphs:
             self.cur = torch.zeros(1, dtype=torch.long, device=dev)
             self.cols = torch.arange(s0 + T, device=dev)
         # rows past the prompt are attended (masked) before they are written: make them finite
-        # (packed: zero codes, scales and minimums unpack to zeros)
         for c in self.caches.values():
-            if c.compressed:
-                for store in (c.k, c.v):
-                    for part in store.view_rows(0, s0 + T, s0, defer=True).tensors():
-                        part.zero_()
-            else:
-                for rows in c.resident_rows(0, s0 + T, s0):
-                    rows.zero_()
+            c.clear_rows(0, s0 + T, s0)
         self.capture = mode == "graph" and self.failed is None
         self.in_use = True
         self.fresh = set(range(p.num_gpu_batches))   # batches whose prompt mask is not copied yet

@@ -66,6 +66,13 @@ class LayerCache:
     def resident_rows(self, i: int, rows: int, start: int = 0):
         return self.k.view_rows(i, rows, start), self.v.view_rows(i, rows, start)
 
+    def clear_rows(self, i: int, rows: int, start: int = 0):
+        """Rows [start, rows) of segment i set to zeros in place (packed: their codes, scales and
+        minimums, which unpack to zeros)."""
+        for store in (self.k, self.v):
+            for part in (store.parts if self.compressed else [store]):
+                part.view_rows(i, rows, start).zero_()
+
     def new_rows(self, k_rows, v_rows) -> "NewRows":
         """The new rows (s, b, kv_heads, d) as the cache stores them. Compressed: K and V quantised
         together by one call over all heads. Groups run along the head dim, inside one head, so
