@@ -32,6 +32,8 @@
 #               (carry .whl_tests: pip download -d .whl_tests pytest), P3c with the row kernel
 #   packed15    FLEXGEN_CUDA_GRAPHS=packed (graphs over packed weights and cache) against eager, OPT-30B
 #               all on the GPU at 4 bits, 16 x 1 under 24 GiB; the graph tests on the GPU (carry .whl_tests)
+#   matmul16    benchmarks/packed_matmul_bench.py (F.linear over packed weights vs unpack + cuBLAS), its GPU
+#               tests, OPT-30B all on the GPU at 4 bits (16 x 1, 24 GiB), eager / graphs, kernel on / off
 #   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
 #               time) and the compression tests on the GPU
 #   eager12     eager decode steps with the Triton attention and without (FLEXGEN_TRITON_DECODE=0): N9 N2 N3,
@@ -221,6 +223,21 @@ print('unpack G values/s: dim 0', round(g['dequant_gelem_s']), 'dim 1', round(g[
 --num-gpu-batches 1 --cut-gen-len 6" > /tmp/benchlogs/pk$mode.txt 2>&1
           show /tmp/benchlogs/pk$mode.txt | grep -v "host memory held"; grep -i "warn\|graph" /tmp/benchlogs/pk$mode.txt | head -3
           tail -1 /tmp/benchlogs/pk$mode.txt; done; } > "$OUT/packed15.txt" 2>&1; cat "$OUT/packed15.txt" ;;
+    matmul16)
+      # F.linear over packed weights (flexgen/memory/packed_matmul.py): the kernel by tile against
+      # unpack + cuBLAS, its GPU tests, then OPT-30B all on the GPU at 4 bits under the 24 GiB cap,
+      # 16 x 1, eager and as CUDA graphs, with the kernel and without (FLEXGEN_PACKED_MATMUL=0)
+      { timeout 150 python3 benchmarks/packed_matmul_bench.py ${MM_TILES---tiles} 2>&1 | tail -${MM_TAIL:-80}
+        python3 -m pip install -q --no-index .whl_tests/*.whl 2>&1 | tail -1
+        FLEXGEN_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rf tests/test_packed_matmul.py tests/test_cuda_graphs.py 2>&1 \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+        for run in ${MM_RUNS:-1:1 packed:1 packed:0}; do
+          echo "-- FLEXGEN_CUDA_GRAPHS=${run%:*} FLEXGEN_PACKED_MATMUL=${run#*:}"
+          FLEXGEN_CUDA_GRAPHS=${run%:*} FLEXGEN_PACKED_MATMUL=${run#*:} bench P3c --timeout 120 --extra \
+            "--percent 100 0 100 0 100 0 --gpu-batch-size ${MM_GBS:-16} --num-gpu-batches 1 --cut-gen-len 6" \
+            > /tmp/benchlogs/mm$run.txt 2>&1
+          show /tmp/benchlogs/mm$run.txt | grep -v "host memory held"; grep -i "warn" /tmp/benchlogs/mm$run.txt | head -3
+          tail -1 /tmp/benchlogs/mm$run.txt; done; } > "$OUT/matmul16.txt" 2>&1; cat "$OUT/matmul16.txt" ;;
     cache12)
       # the fused compressed-cache write against the per-segment one it replaced: identical bytes, host time
       { python3 benchmarks/cache_write_bench.py --percents 50 50 0

@@ -44,6 +44,7 @@ import warnings
 
 import torch
 
+from ..memory.packed_matmul import for_compute
 from ..models.base import StepContext
 from ..policy import PolicyError
 from . import triton_decode
@@ -204,7 +205,8 @@ class DecodeGraphs:
                 ctx.attend = self._attender(self.caches[(li, k)], valid, invalid, at, windows)
             elif layer.kind == "head":
                 h = h[:, -1:]
-            h = layer.forward(r.weights.load(li), h, ctx)
+            w = {key: for_compute(x) for key, x in r.weights.load(li, defer=True).items()}
+            h = layer.forward(w, h, ctx)
             ctx.attend = None
         return h
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..models.base import FEED_FORWARD_KINDS, StepContext
-from ..memory.placement import TieredBuffer, unpacked
+from ..memory.packed_matmul import for_compute
+from ..memory.placement import TieredBuffer
 from .attention import attend as attention_core, in_window
 from .cpu_attention import cpu_decode_attention, packed_chunks, row_chunks
 from .graphs import DecodeGraphs, graph_mode, ineligible
@@ -280,7 +281,8 @@ class BlockRunner:
                     continue
                 if wdicts is None:
                     wdicts = io.result(w_fut) if w_fut.event or w_fut.future else w_fut.value
-                    wdicts = [{key: unpacked(w) for key, w in d.items()} for d in wdicts]
+                    # packed matrices F.linear can read in place stay packed (decode); the rest unpack
+                    wdicts = [{key: for_compute(w) for key, w in d.items()} for d in wdicts]
                 loaded = io.result(cfut) if cfut is not None else None
                 h = acts.get(k) if j > 0 or self.layers[stage[0]].kind != "embed" else None
                 h = self._compute(stage, wdicts, h, k, step, caches, loaded, pending_cache, blk.score)

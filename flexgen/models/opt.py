@@ -126,9 +126,10 @@ def _ln(x, w, prefix, eps):
 
 def _linear_relu(x, weight, bias):
     """relu(x W^T + b): on CUDA one GEMM with cuBLASLt's bias+ReLU epilogue instead of a GEMM and
-    a ReLU kernel (a small-batch decode step is bound by its kernel count); the same values."""
-    if bias is None:
-        return F.relu(F.linear(x, weight))
+    a ReLU kernel (a small-batch decode step is bound by its kernel count); the same values. A
+    weight that is not a plain tensor takes F.linear, which it overrides (__torch_function__)."""
+    if bias is None or not isinstance(weight, torch.Tensor):
+        return F.relu(F.linear(x, weight, bias))
     return torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], -1)
 
 
