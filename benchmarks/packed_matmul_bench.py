@@ -13,7 +13,10 @@ from flexgen.policy import CompressionConfig
 
 SHAPES = {"qkv": (21504, 7168), "o": (7168, 7168), "fc1": (28672, 7168), "fc2": (7168, 28672)}
 ROWS = (8, 16, 32, 64)
-TILES = [(64, 128, 4), (32, 128, 4), (64, 256, 4), (128, 128, 4), (64, 128, 8), (128, 256, 8), (32, 256, 4)]
+# (weight rows, packed bytes per step, num_warps, w first in tl.dot)
+TILES = [(64, 128, 4, True), (64, 128, 4, False), (32, 128, 4, True), (32, 256, 4, True), (64, 256, 4, True),
+         (128, 128, 4, True), (128, 64, 4, True), (64, 64, 4, True), (128, 128, 8, True), (16, 256, 4, True),
+         (32, 64, 2, True), (64, 256, 8, False)]
 
 
 def timed(fn, reps=30):
@@ -52,8 +55,8 @@ def main():
             want = F.linear(x.float(), wq.float())
             t_fp16 = timed(lambda: F.linear(x, wq))
             t_unpack = timed(lambda: F.linear(x, decompress(p, torch.float16)))
-            for tile in tiles:
-                PM._TILE.update(zip(("block_n", "block_k", "warps"), tile))
+            for tile in (tiles if m in (16, 32) else tiles[:1]):
+                PM._TILE.update(zip(("block_n", "block_b", "warps", "w_first"), tile))
                 got = PM._fused(x, p, None)
                 err = ((got.float() - want).abs().max() / want.abs().max()).item()
                 t = timed(lambda: PM._fused(x, p, None))
@@ -63,10 +66,10 @@ def main():
                     for i, v in enumerate((t, t_unpack, t_fp16, floor)):
                         tot[i] += v
             PM._TILE.update(default)
-    print(f"{'matrix':6} {'rows':>4} {'tile':14} {'rel err':>8} {'packed us':>9} {'unpack+mm':>9} "
+    print(f"{'matrix':6} {'rows':>4} {'tile':22} {'rel err':>8} {'packed us':>9} {'unpack+mm':>9} "
           f"{'fp16 mm':>8} {'floor us':>8} {'of floor':>8}")
     for name, m, tile, err, t, tu, tf, fl in rows:
-        print(f"{name:6} {m:4} {str(tile):14} {err:8.1e} {t * 1e6:9.1f} {tu * 1e6:9.1f} {tf * 1e6:8.1f} "
+        print(f"{name:6} {m:4} {str(tile):22} {err:8.1e} {t * 1e6:9.1f} {tu * 1e6:9.1f} {tf * 1e6:8.1f} "
               f"{fl * 1e6:8.1f} {fl / t:8.0%}")
     print("one OPT-30B layer (qkv + o + fc1 + fc2), default tile, x 48 layers = one decode step's matmuls:")
     for m, (t, tu, tf, fl) in totals.items():

@@ -395,8 +395,31 @@ def profile_gpu(quick: bool) -> dict | None:
     for key, dim in (("dequant_gelem_s", 0), ("dequant_dim1_gelem_s", 1)):
         packed = compress(w, CompressionConfig(num_bits=4, group_size=64, group_dim=dim))
         out[key] = w.numel() / _timeit(lambda: decompress(packed, torch.float16), reps, sync, budget) / 1e9
+    out.update(_packed_matmul_or_none(dev, quick, reps, sync, budget))
     out.update(_host_op_or_none("cuda", quick))
     return out
+
+
+def _packed_matmul_or_none(dev, quick, reps, sync, budget) -> dict:
+    """Packed bytes per second that F.linear reads from 4-bit weights at a decode step's 16 rows
+    (memory/packed_matmul.py); nothing where the kernel is off or fails its check."""
+    import torch
+    import torch.nn.functional as F
+    from .memory import packed_matmul
+    from .memory.compression import compress
+    from .memory.placement import Deferred
+    from .policy import CompressionConfig
+    if not packed_matmul.enabled():
+        return {}
+    w = torch.randn(4096 if quick else 16384, 4096, device=dev, dtype=torch.float16)
+    packed = compress(w, CompressionConfig(num_bits=4, group_size=64, group_dim=1))
+    x = torch.randn(16, w.shape[1], device=dev, dtype=torch.float16)
+    m = packed_matmul.PackedMatrix(Deferred(packed, torch.float16))
+    m.linear(x)   # the kernel's one-time check
+    if not packed_matmul._STATE["ok"]:
+        return {}
+    sec = _timeit(lambda: F.linear(x, m), reps, sync, budget)
+    return {"packed_matmul_gib_s": packed.nbytes / sec / GiB}
 
 
 def _host_op_or_none(device, quick) -> dict:

@@ -28,7 +28,7 @@ KERNEL = textwrap.dedent("""
     # (rows, out, in, group): rows over one M tile, in not a multiple of the group or of the K step,
     # one row, a K long enough to be split across programs
     for sym in (False, True):
-        for m, n, k, gs in [(3, 40, 96, 16), (17, 70, 66, 16), (1, 5, 130, 64), (20, 130, 1024, 64)]:
+        for m, n, k, gs in [(3, 40, 96, 16), (17, 70, 66, 16), (1, 5, 130, 64), (20, 130, 1024, 64), (2, 9, 300, 4)]:
             w, x, b = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g), torch.randn(n, generator=g)
             p = compress(w, CompressionConfig(4, gs, 1, sym))
             assert PM.fits(p)

@@ -35,52 +35,68 @@ ENV_VAR = "FLEXGEN_PACKED_MATMUL"
 # rows of activations up to which F.linear reads the packed weight (decode: one row per sequence)
 MAX_ROWS = 64
 _STATE = {"checked": False, "ok": False}
-# tile (weight rows, values of K per step, num_warps); benchmarks/packed_matmul_bench.py times
+# tile: weight rows, packed bytes per step, num_warps, whether w is the first operand of tl.dot; benchmarks/packed_matmul_bench.py times
 # the alternatives
-_TILE = {"block_n": 64, "block_k": 128, "warps": 4}
+_TILE = {"block_n": 64, "block_b": 128, "warps": 4, "w_first": True}
 
 if triton is not None:
     @triton.jit
-    def _w4_linear_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, y_ptr, M, N, K, G, k_per_split,
+    def _w4_linear_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, y_ptr, M, N, K, G, bytes_per_split,
                           GS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # y[split, m, n] = sum over this split's k of x[m, k] * w[n, k]; w's row n is G groups of
-        # GS values, packed two per byte (low nibble = even k), so a K step of BLOCK_K values
-        # reads BLOCK_K // 2 consecutive bytes of each row and multiplies their low nibbles by
-        # the even columns of x, their high nibbles by the odd ones.
+                          BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, W_FIRST: tl.constexpr):
+        # y[split, m, n] = sum over this split's k of x[m, k] * w[n, k]. Row n of w is G groups of
+        # GS values packed two per byte (low nibble = even k): a step reads BLOCK_B consecutive
+        # bytes of each of BLOCK_N rows (whole groups, one scale and minimum each), forms the
+        # weights of the low nibbles and of the high ones, and multiplies them by the even and
+        # the odd columns of x.
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_s = tl.program_id(2)
-        HB: tl.constexpr = BLOCK_K // 2
-        row_bytes = G * (GS // 2)
+        HG: tl.constexpr = GS // 2            # bytes per group
+        NG: tl.constexpr = BLOCK_B // HG      # groups per step
+        row_bytes = G * HG
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k0 = pid_s * k_per_split
-        for k_start in range(k0, k0 + k_per_split, BLOCK_K):
-            b = k_start // 2 + tl.arange(0, HB)
-            wmask = (n[:, None] < N) & (b[None, :] < row_bytes)
-            byte = tl.load(data_ptr + n[:, None] * row_bytes + b[None, :], mask=wmask, other=0).to(tl.int32)
-            g = b // (GS // 2)
-            s = tl.load(scale_ptr + n[:, None] * G + g[None, :], mask=wmask, other=0.0).to(tl.float32)
-            lo = (byte & 0xF).to(tl.float32)
-            hi = (byte >> 4).to(tl.float32)
+        nmask = n[:, None] < N
+        if W_FIRST:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        b0 = pid_s * bytes_per_split
+        for step in range(0, bytes_per_split, BLOCK_B):
+            b = b0 + step + tl.arange(0, BLOCK_B)
+            byte = tl.load(data_ptr + n[:, None] * row_bytes + b[None, :], mask=nmask & (b[None, :] < row_bytes),
+                           other=0)
+            gi = (b0 + step) // HG + tl.arange(0, NG)
+            gmask = nmask & (gi[None, :] < G)
+            s = tl.load(scale_ptr + n[:, None] * G + gi[None, :], mask=gmask, other=0.0).to(tl.float32)[:, :, None]
+            lo = tl.reshape((byte & 0xF).to(tl.float32), (BLOCK_N, NG, HG))
+            hi = tl.reshape((byte >> 4).to(tl.float32), (BLOCK_N, NG, HG))
             if SYMMETRIC:
                 w_lo = (lo - 8) * s
                 w_hi = (hi - 8) * s
             else:
-                mn = tl.load(min_ptr + n[:, None] * G + g[None, :], mask=wmask, other=0.0).to(tl.float32)
+                mn = tl.load(min_ptr + n[:, None] * G + gi[None, :], mask=gmask, other=0.0).to(tl.float32)[:, :, None]
                 w_lo = lo * s + mn
                 w_hi = hi * s + mn
-            ke = 2 * b
-            xm = m[:, None] < M
-            x_e = tl.load(x_ptr + m[:, None] * K + ke[None, :], mask=xm & (ke[None, :] < K), other=0.0)
-            x_o = tl.load(x_ptr + m[:, None] * K + ke[None, :] + 1, mask=xm & (ke[None, :] + 1 < K), other=0.0)
             dt = x_ptr.dtype.element_ty
-            acc += tl.dot(x_e, tl.trans(w_lo.to(dt)))
-            acc += tl.dot(x_o, tl.trans(w_hi.to(dt)))
-        out = y_ptr + pid_s * M * N + m[:, None] * N + n[None, :]
-        tl.store(out, acc, mask=(m[:, None] < M) & (n[None, :] < N))
+            w_lo = tl.reshape(w_lo, (BLOCK_N, BLOCK_B)).to(dt)
+            w_hi = tl.reshape(w_hi, (BLOCK_N, BLOCK_B)).to(dt)
+            k = 2 * (b0 + step) + tl.arange(0, 2 * BLOCK_B)
+            xt = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+            x_e, x_o = tl.split(tl.reshape(xt, (BLOCK_M, BLOCK_B, 2)))
+            if W_FIRST:
+                acc += tl.dot(w_lo, tl.trans(x_e))
+                acc += tl.dot(w_hi, tl.trans(x_o))
+            else:
+                acc += tl.dot(x_e, tl.trans(w_lo))
+                acc += tl.dot(x_o, tl.trans(w_hi))
+        if W_FIRST:
+            out = y_ptr + pid_s * M * N + m[None, :] * N + n[:, None]
+            tl.store(out, acc, mask=(m[None, :] < M) & (n[:, None] < N))
+        else:
+            out = y_ptr + pid_s * M * N + m[:, None] * N + n[None, :]
+            tl.store(out, acc, mask=(m[:, None] < M) & (n[None, :] < N))
 
 
 def _launch(x2, p, N, K):
@@ -88,21 +104,22 @@ def _launch(x2, p, N, K):
     cfg = p.config
     M = x2.shape[0]
     G = p.scale.shape[-2]
-    bn, bk, warps = _TILE["block_n"], _TILE["block_k"], _TILE["warps"]
+    bn, warps = _TILE["block_n"], _TILE["warps"]
+    bb = max(_TILE["block_b"], cfg.group_size // 2)   # whole groups per step
     bm = 16
     tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-    steps = triton.cdiv(K, bk)
+    steps = triton.cdiv(G * cfg.group_size // 2, bb)
     # split K until there are about two programs per multiprocessor (o and fc2 of OPT-30B have
     # only 112 tiles of 64 rows for the H200's 132); partial sums add up outside, deterministically
     sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
     split = max(1, min(steps, -(-2 * sms // tiles)))
-    k_per_split = triton.cdiv(steps, split) * bk
-    split = triton.cdiv(K, k_per_split)
+    per_split = triton.cdiv(steps, split) * bb
+    split = triton.cdiv(steps * bb, per_split)
     y = torch.empty((split, M, N), dtype=torch.float32, device=x2.device)
     mn = p.mn if p.mn is not None else p.scale
     _w4_linear_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm), split)](
-        x2, p.data, p.scale, mn, y, M, N, K, G, k_per_split, GS=cfg.group_size, SYMMETRIC=cfg.symmetric,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        x2, p.data, p.scale, mn, y, M, N, K, G, per_split, GS=cfg.group_size, SYMMETRIC=cfg.symmetric,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_B=bb, W_FIRST=_TILE["w_first"], num_warps=warps)
     return y[0] if split == 1 else y.sum(0)
 
 
@@ -122,12 +139,18 @@ def enabled() -> bool:
     return flag != "0" and triton is not None
 
 
+def layout_fits(shape, cfg) -> bool:
+    """Whether the kernel reads a matrix of `shape` packed with `cfg`: 4 bits, groups of a power of
+    two along the input dim (whole groups per step). The cost model asks this too."""
+    return (len(shape) == 2 and cfg.num_bits == 4 and cfg.group_dim % 2 == 1
+            and cfg.group_size >= 4 and cfg.group_size & (cfg.group_size - 1) == 0)
+
+
 def fits(p) -> bool:
-    """Whether F.linear can read packed matrix p in place: 4 bits, groups along the input dim."""
-    cfg = p.config
+    """Whether F.linear can read packed matrix p in place (on the GPU, or under the interpreter)."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return (len(p.shape) == 2 and cfg.num_bits == 4 and cfg.group_dim % 2 == 1 and cfg.group_size % 2 == 0
-            and (p.data.is_cuda or interpret) and all(t.is_contiguous() for t in p.parts()))
+    return (layout_fits(p.shape, p.config) and (p.data.is_cuda or interpret)
+            and all(t.is_contiguous() for t in p.parts()))
 
 
 class PackedMatrix:

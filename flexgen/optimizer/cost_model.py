@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..memory.packed_matmul import MAX_ROWS as PACKED_MM_ROWS, layout_fits
 from ..memory.placement import TIERS, assign_by_size, split_counts
 from ..models.base import packs
 from ..policy import Policy
@@ -141,6 +142,9 @@ class Rates:
             self.dequant = g["dequant_gelem_s"] * 1e9
             # weights grouped along dim 1 (the CLI's default) where the profile measured that layout
             self.dequant_dim1 = g.get("dequant_dim1_gelem_s", g["dequant_gelem_s"]) * 1e9
+            # packed bytes per second that F.linear over 4-bit weights reads at decode's row
+            # counts (None where the profile predates it or had no kernel: weights unpack)
+            self.packed_mm = (g.get("packed_matmul_gib_s") or 0) * GiB or None
             self.host_op = g.get("host_op_s") or reference_host_op_s(True)
             self.cache_op = g.get("cache_op_s") or CACHE_OP_RATIO * self.host_op
         else:  # the CPU is the compute device: its memory is the "gpu" and the "cpu" tier
@@ -148,6 +152,7 @@ class Rates:
             self.dev_bw = c.get("mem_bw_gib_s", 20.0) * GiB
             self.flops = _best(c.get("matmul_gflops")) * 1e9
             self.dequant = self.dequant_dim1 = self.cpu_dequant
+            self.packed_mm = None   # the kernel runs on the GPU only
             self.host_op = c.get("host_op_s") or reference_host_op_s(False)
             self.cache_op = c.get("cache_op_s") or CACHE_OP_RATIO * self.host_op
 
@@ -295,6 +300,7 @@ def _weight_table(family, pct, compress, itemsize, cfg):
         tier_b = dict.fromkeys(TIERS, 0)
         move = dict.fromkeys(TIERS, 0)
         stage = deq = read = flops = cpu_max = 0
+        fused = dict(read=0, packed=0, deq=0)   # matrices a decode step's F.linear reads packed
         routed = {}
         sizes = [math.prod(w.shape) for w in layer.weights]
         for spec, size, tier in zip(layer.weights, sizes, assign_by_size(sizes, pct)):
@@ -308,6 +314,10 @@ def _weight_table(family, pct, compress, itemsize, cfg):
                 stage += size * itemsize
             deq += size if packed else 0
             if len(spec.shape) == 2 and layer.kind != "embed":
+                if packed and spec.share == 1 and layout_fits(spec.shape, cfg):
+                    fused["read"] += size * itemsize
+                    fused["packed"] += nbytes
+                    fused["deq"] += size
                 if spec.share < 1:
                     routed[spec.share] = routed.get(spec.share, 0) + size * itemsize
                 else:
@@ -315,7 +325,8 @@ def _weight_table(family, pct, compress, itemsize, cfg):
                 flops += 2 * size * spec.share
         rows.append(dict(n=n, kind=layer.kind, tiers=tier_b, cpu=move["cpu"], cpu_max=cpu_max, disk=move["disk"],
                          stage=stage,
-                         deq=deq, read=read, routed=routed, flops=flops, kv=layer.kv_heads, hd=layer.head_dim))
+                         deq=deq, read=read, routed=routed, flops=flops, kv=layer.kv_heads, hd=layer.head_dim,
+                         fused=fused))
     return rows
 
 
@@ -532,6 +543,13 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                 flops = rates.flops * (PREFILL_EFFICIENCY if prefill else 1.0)
                 mm = np.maximum(ntok * r["flops"] / flops, _matmul_read(r, ntok) / rates.dev_bw)
                 dev = k * mm + r["deq"] / w_dequant
+                fz = r["fused"]
+                if not prefill and fz["packed"] and rates.packed_mm:
+                    # decode: F.linear reads those matrices packed (memory/packed_matmul.py) at the
+                    # profiled rate instead of unpacking them; up to its row limit
+                    read_f = (_matmul_read(r, ntok) - fz["read"]) / rates.dev_bw + fz["packed"] / rates.packed_mm
+                    dev_f = k * np.maximum(ntok * r["flops"] / flops, read_f) + (r["deq"] - fz["deq"]) / w_dequant
+                    dev = np.where(ntok <= PACKED_MM_ROWS, dev_f, dev)
                 if r["kind"] == "attention":
                     hidx = ai
                     ai += 1
