@@ -14,9 +14,9 @@ from flexgen.policy import CompressionConfig
 SHAPES = {"qkv": (21504, 7168), "o": (7168, 7168), "fc1": (28672, 7168), "fc2": (7168, 28672)}
 ROWS = (8, 16, 32, 64)
 # (weight rows, packed bytes per step, num_warps, w first in tl.dot)
-TILES = [(64, 128, 4, True), (64, 128, 4, False), (32, 128, 4, True), (32, 256, 4, True), (64, 256, 4, True),
-         (128, 128, 4, True), (128, 64, 4, True), (64, 64, 4, True), (128, 128, 8, True), (16, 256, 4, True),
-         (32, 64, 2, True), (64, 256, 8, False)]
+TILES = [(64, 64, 4, True), (64, 128, 4, True), (64, 128, 4, False), (32, 128, 4, True), (32, 256, 4, True), (64, 256, 4, True),
+         (128, 128, 4, True), (128, 64, 4, True), (128, 128, 8, True), (16, 256, 4, True),
+         (32, 64, 2, True), (64, 256, 8, False), (64, 64, 8, True), (128, 64, 8, True)]
 
 
 def timed(fn, reps=30):

@@ -37,7 +37,7 @@ MAX_ROWS = 64
 _STATE = {"checked": False, "ok": False}
 # tile: weight rows, packed bytes per step, num_warps, whether w is the first operand of tl.dot; benchmarks/packed_matmul_bench.py times
 # the alternatives
-_TILE = {"block_n": 64, "block_b": 128, "warps": 4, "w_first": True}
+_TILE = {"block_n": 64, "block_b": 64, "warps": 4, "w_first": True}
 
 if triton is not None:
     @triton.jit
@@ -106,7 +106,8 @@ def _launch(x2, p, N, K):
     G = p.scale.shape[-2]
     bn, warps = _TILE["block_n"], _TILE["warps"]
     bb = max(_TILE["block_b"], cfg.group_size // 2)   # whole groups per step
-    bm = 16
+    # all rows in one tile (16 to 64, tl.dot's minimum to MAX_ROWS): each weight byte is read once
+    bm = min(64, max(16, triton.next_power_of_2(M)))
     tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
     steps = triton.cdiv(G * cfg.group_size // 2, bb)
     # split K until there are about two programs per multiprocessor (o and fc2 of OPT-30B have
