@@ -158,8 +158,20 @@ def test_graph_replay_hook_only_changes_eligible_policies():
     graph = predict(fam, w, resident, prof, graph_op_s=1e-6)
     assert graph.decode_step_s < 0.5 * eager.decode_step_s
     assert graph.prefill_s == eager.prefill_s                     # prefill stays eager
-    for other in (resident.replace(compress_cache=True), Policy(8, 1, 100, 0, 50, 50, 100, 0),
-                  Policy(8, 1, 90, 10, 100, 0, 100, 0)):
+    # packed weights and cache on the GPU are captured too: no host work for the packed cache
+    # either, and the graph pool's unpacked cache layer counted in the working set
+    for packed in (resident.replace(compress_cache=True), resident.replace(compress_weight=True)):
+        pg, pe = predict(fam, w, packed, prof, graph_op_s=1e-6), predict(fam, w, packed, prof)
+        assert pg.decode_step_s < pe.decode_step_s and pg.prefill_s == pe.prefill_s
+        assert pg.memory.gpu == pe.memory.gpu   # the pool counts whether or not graphs are on
+    # the pool: the packed cache's layer unpacked (K and V) and attention's copies of them
+    from flexgen.optimizer.memory_model import estimate_memory
+    one_cache = 2 * 544 * 8 * 8 * 128 * 2   # K + V of a layer, 544 positions x 8 sequences, fp16
+    work = {c: estimate_memory(fam, resident.replace(compress_cache=c), 512, 32, True).parts["work"]["gpu"]
+            for c in (False, True)}
+    assert work[True] - work[False] == 4 * one_cache
+    for other in (Policy(8, 1, 100, 0, 50, 50, 100, 0), Policy(8, 1, 90, 10, 100, 0, 100, 0),
+                  resident.replace(compress_cache=True, cpu_cache_compute=True)):
         assert predict(fam, w, other, prof, graph_op_s=1e-6).decode_step_s == predict(fam, w, other, prof).decode_step_s
     assert predict(fam, w, resident, prof, graph_op_s=None).decode_step_s == eager.decode_step_s
     g = Grid.of_policy(resident)

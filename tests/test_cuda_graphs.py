@@ -158,13 +158,11 @@ def test_static_step_with_packed_weights_and_cache_matches_eager(open_lm, monkey
     ("cache_disk", {}, "cache"),
     ("weights_cpu_disk", {"compress_weight": True}, "weights"),
     ("cache_disk", {"compress_cache": True}, "cache"),
-    ("all_compute", {"compress_cache": True}, "packed"),   # taken only with FLEXGEN_CUDA_GRAPHS=packed
-    ("all_compute", {"compress_weight": True}, "packed"),
     ("act_disk", {}, "activations"),
     ("all_compute", {"attn_sparsity": 0.5}, "sparse"),
 ])
 def test_ineligible_blocks_run_eagerly(open_lm, monkeypatch, placement, overrides, why):
-    monkeypatch.setenv(graphs.ENV_VAR, "1" if why == "packed" else "static")
+    monkeypatch.setenv(graphs.ENV_VAR, "static")
     policy = T.make_policy(placement, **overrides)
     with open_lm("opt-tiny", policy) as lm:
         assert why in graphs.ineligible(lm.runner)

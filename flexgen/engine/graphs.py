@@ -27,11 +27,14 @@ memory is one step's live intermediates per GPU batch, in one shared pool (P4: ~
 up to allocator segments of 2-20 MiB), and the static inputs are a few KiB: both negligible next
 to the 13 GB of weights and 2.3 GB of cache, so the memory model leaves them out.
 
-Packed weights and a packed KV cache on the device fit the same step: each layer's weights are
-unpacked inside it (the kernel the eager step runs), the new K/V row is quantised and stored at
-the device-tensor position, and the whole capacity is unpacked for attention, with the new row
-itself attended at full precision (as the eager step does). Those steps are taken only with
-FLEXGEN_CUDA_GRAPHS=packed for now (see packed_steps).
+Packed weights and a packed KV cache on the device fit the same step: F.linear reads each
+layer's weights packed (memory/packed_matmul.py; where that kernel cannot, they are unpacked
+inside the step as eagerly), the new K/V row is quantised and stored at the device-tensor
+position, and the whole capacity is unpacked for attention, with the new row itself attended at
+full precision (as the eager step does). OPT-30B at 4 bits, all on the H200 under a 24 GiB cap,
+16 x 1: 0.034 s per decode step replayed against 0.084 eager (benchmarks/RESULTS.md, session 12).
+The graph pool then holds one layer's unpacked cache capacity, which the memory pre-flight
+counts (memory_model.graph_pool_bytes).
 
 FLEXGEN_CUDA_GRAPHS=0 (or ExecutionEnv.cuda_graphs = False, the CLI's `--no-cuda-graphs`) turns this off;
 FLEXGEN_CUDA_GRAPHS=static runs the static step without capture on any device (the CPU tests
@@ -71,14 +74,6 @@ def graph_mode(env) -> str | None:
     return "graph" if env.is_cuda else None
 
 
-def packed_steps() -> bool:
-    """Whether steps over packed weights or a packed cache (on the compute device) are taken:
-    FLEXGEN_CUDA_GRAPHS=packed, or static (the CPU tests of the formulation). Not by default yet:
-    a captured step holds its unpacked layer and cache capacity in the graph pool, which the
-    memory pre-flight does not count, and neither its speed nor that memory is measured."""
-    return _flag() in ("static", "packed")
-
-
 def _in_place(env, percents) -> bool:
     """Whether a placement puts everything where the compute device reads it in place."""
     _, cpu, disk = percents
@@ -98,8 +93,6 @@ def ineligible(runner) -> str | None:
         return "weights not all on the compute device"
     if not _in_place(env, p.percents("cache")) or (p.cpu_cache_compute and p.cache_cpu_percent):
         return "the KV cache is not all on the compute device"
-    if (p.compress_weight or p.compress_cache) and not packed_steps():
-        return f"packed weights or KV cache ({ENV_VAR}=packed captures those steps)"
     if not _in_place(env, p.percents("act")):
         return "activations off the compute device"
     if p.attn_sparsity < 1.0:

@@ -9,6 +9,7 @@ not grow with the number of layers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -18,7 +19,8 @@ from ..memory.packed_matmul import MAX_ROWS as PACKED_MM_ROWS, layout_fits
 from ..memory.placement import TIERS, assign_by_size, split_counts
 from ..models.base import packs
 from ..policy import Policy
-from .memory_model import MemoryEstimate, _layers, _packed_bytes, estimate_memory, intermediate_elems
+from .memory_model import (MemoryEstimate, _layers, _packed_bytes, estimate_memory, graph_pool_bytes,
+                           intermediate_elems)
 
 GiB = 1 << 30
 
@@ -249,10 +251,11 @@ def compressed_cache_step_ops(co: dict, counts, on_cpu, is_cuda: bool, prefill: 
 
 def graph_eligible(grid) -> np.ndarray:
     """Candidates whose decode step could replay a captured CUDA graph: weights, cache and
-    activations all on the GPU, nothing compressed, no CPU attention."""
+    activations all on the GPU (packed or not), no CPU attention (engine/graphs.ineligible says
+    the same of a runner)."""
     allg = lambda opts, idx: np.array([o == (100, 0) for o in opts])[idx]  # noqa: E731
     return (allg(grid.w_opts, grid.wi) & allg(grid.c_opts, grid.ci) & allg(grid.a_opts, grid.ai)
-            & (grid.cw == 0) & (grid.cc == 0) & (grid.ccc == 0))
+            & (grid.ccc == 0))
 
 
 # ------------------------------------------------------------------------------ per-layer tables
@@ -481,6 +484,14 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
     one_cache = one_cache_1 * gbs
     work = 2 * stage_max + np.where(c_gpu < 100, 2 * one_cache, 0.0)
     work += gbs * P * intermediate_elems(_layers(family), H) * itemsize + gbs * V * 4 * 2
+    if is_cuda:   # memory_model.graph_pool_bytes, per packed candidate
+        eligible = graph_eligible(grid)
+        base = grid.base or Policy(1, 1, 100, 0, 100, 0, 100, 0)
+        for cw_, cc_ in ((0, 1), (1, 0), (1, 1)):
+            m = eligible & (grid.cw == cw_) & (grid.cc == cc_)
+            if m.any():
+                pol = dataclasses.replace(base, compress_weight=bool(cw_), compress_cache=bool(cc_))
+                work = work + np.where(m, graph_pool_bytes(one_cache, stage_max, pol), 0.0)
     add(0, work)
     if is_cuda:
         mem["pinned"] += np.where((c_disk > 0) | (w_disk > 0) | (a_disk > 0),
@@ -509,7 +520,7 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
     succ = _successors(family)
     w_dequant = rates.dequant_dim1 if (grid.base and grid.base.comp_weight_config.group_dim % 2 == 1) else rates.dequant
 
-    def step_time(tokens: int, ctx: float, prefill: bool):
+    def step_time(tokens: int, ctx_mean: float, prefill: bool):
         total = z()
         phase = "prefill" if prefill else "decode"
         op_s = rates.host_op if prefill else np.where(graph, graph_op_s or 0.0, rates.host_op)
@@ -563,10 +574,11 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                         rb = rowb[int(cc_)]
                         hg, hc, hdk = counts
                         on_cpu = ccc[m][mm2] & ~prefill
-                        if cc_:   # a compressed cache's host work per GPU batch (op_count.py)
+                        replay = graph[m][mm2] & (not prefill)
+                        if cc_:   # a compressed cache's host work per GPU batch (op_count.py); none replayed
                             cache_host = compressed_cache_step_ops(cache_ops[id(attn[hidx][1])], counts,
                                                                    on_cpu, is_cuda, prefill)
-                            host[np.flatnonzero(mm2)] += k[mm2] * cache_host * rates.cache_op
+                            host[np.flatnonzero(mm2)] += np.where(replay, 0.0, k[mm2] * cache_host * rates.cache_op)
                         if prefill:   # the prompt's K/V stored to their tiers, attention on the device
                             dev_a = 2 * 2 * g[mm2] * tokens * tokens / 2 * info.num_heads * hd / flops
                             st = el * tokens * rb
@@ -578,11 +590,14 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                             h2d_a = 0.0
                             cpu_a = np.where(ccc_p, k[mm2] * st * hc * (1 / rates.d2h + 1 / rates.fresh_write), 0.0)
                         else:         # read the whole cache: on the device, over PCIe, or on the CPU
+                            # a replayed step unpacks a packed cache's whole capacity (graphs.py)
+                            ctx = np.where(replay, P + G, ctx_mean) if cc_ else ctx_mean
                             resident = el * ctx * hg
                             moved = el * ctx * (np.where(on_cpu, 0, hc) + hdk)
                             deq = (el * ctx * (hg + np.where(on_cpu, 0, hc) + hdk)) if cc_ else 0.0
-                            # packed rows are unpacked once into the buffer attention reads
-                            dev_a = k[mm2] * ((resident + moved) * itemsize / rates.dev_bw + deq / rates.dequant)
+                            # packed rows are unpacked once into the buffer attention reads, by
+                            # the row kernel (groups along the head dim)
+                            dev_a = k[mm2] * ((resident + moved) * itemsize / rates.dev_bw + deq / rates.dequant_dim1)
                             h2d_a = k[mm2] * moved * rb / rates.h2d_pinned
                             disk_a = k[mm2] * (el * ctx * hdk * rb / rates.disk_read + el * hdk * rb / rates.disk_write)
                             d2h_a = k[mm2] * el * (hc + hdk) * rb / rates.d2h
