@@ -33,7 +33,8 @@
 #   packed15    FLEXGEN_CUDA_GRAPHS=packed (graphs over packed weights and cache) against eager, OPT-30B
 #               all on the GPU at 4 bits, 16 x 1 under 24 GiB; the graph tests on the GPU (carry .whl_tests)
 #   matmul16    benchmarks/packed_matmul_bench.py (F.linear over packed weights vs unpack + cuBLAS), its GPU
-#               tests, OPT-30B all on the GPU at 4 bits (16 x 1, 24 GiB), eager / graphs, kernel on / off
+#               tests, OPT-30B all on the GPU at 4 bits (P3g: 16 x 1, 24 GiB), graphs / eager, kernel on / off
+#   p3s12       P3g to the end, P3 (--percent auto), the original's P3 (carry .whl_orig)
 #   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
 #               time) and the compression tests on the GPU
 #   eager12     eager decode steps with the Triton attention and without (FLEXGEN_TRITON_DECODE=0): N9 N2 N3,
@@ -225,19 +226,25 @@ print('unpack G values/s: dim 0', round(g['dequant_gelem_s']), 'dim 1', round(g[
           tail -1 /tmp/benchlogs/pk$mode.txt; done; } > "$OUT/packed15.txt" 2>&1; cat "$OUT/packed15.txt" ;;
     matmul16)
       # F.linear over packed weights (flexgen/memory/packed_matmul.py): the kernel by tile against
-      # unpack + cuBLAS, its GPU tests, then OPT-30B all on the GPU at 4 bits under the 24 GiB cap,
-      # 16 x 1, eager and as CUDA graphs, with the kernel and without (FLEXGEN_PACKED_MATMUL=0)
+      # unpack + cuBLAS, its GPU tests, then OPT-30B all on the GPU at 4 bits under the 24 GiB cap
+      # (P3g, 16 x 1): graphs (the default) / eager, kernel on / off (FLEXGEN_PACKED_MATMUL=0)
       { timeout 150 python3 benchmarks/packed_matmul_bench.py ${MM_TILES---tiles} 2>&1 | tail -${MM_TAIL:-80}
         python3 -m pip install -q --no-index .whl_tests/*.whl 2>&1 | tail -1
-        FLEXGEN_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -rf tests/test_packed_matmul.py tests/test_cuda_graphs.py 2>&1 \
-          | grep -E "^FAILED|passed|failed" | cut -c1-300
-        for run in ${MM_RUNS:-1:1 packed:1 packed:0}; do
+        FLEXGEN_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -rf tests/test_packed_matmul.py tests/test_cuda_graphs.py \
+          tests/test_triton_dequant.py 2>&1 | grep -E "^FAILED|passed|failed" | cut -c1-300
+        for run in ${MM_RUNS:-1:1 0:1 1:0}; do
           echo "-- FLEXGEN_CUDA_GRAPHS=${run%:*} FLEXGEN_PACKED_MATMUL=${run#*:}"
-          FLEXGEN_CUDA_GRAPHS=${run%:*} FLEXGEN_PACKED_MATMUL=${run#*:} bench P3c --timeout 120 --extra \
-            "--percent 100 0 100 0 100 0 --gpu-batch-size ${MM_GBS:-16} --num-gpu-batches 1 --cut-gen-len 6" \
+          FLEXGEN_CUDA_GRAPHS=${run%:*} FLEXGEN_PACKED_MATMUL=${run#*:} bench P3g --timeout 120 --extra "--cut-gen-len 6" \
             > /tmp/benchlogs/mm$run.txt 2>&1
           show /tmp/benchlogs/mm$run.txt | grep -v "host memory held"; grep -i "warn" /tmp/benchlogs/mm$run.txt | head -3
           tail -1 /tmp/benchlogs/mm$run.txt; done; } > "$OUT/matmul16.txt" 2>&1; cat "$OUT/matmul16.txt" ;;
+    p3s12)
+      # issue 17's P3 beside the original (carry .whl_orig): ours with the best measured policy (P3g)
+      # to the end, ours with --percent auto (which predicts P3g's policy), the original's published
+      # 30B policy projected from 5 steps (its 32 steps take ~2 minutes)
+      { bench P3g --timeout 150; bench P3 --timeout 200
+        ORIG_TIMEOUT=200 ORIG_EXTRA="--cut-gen-len 5" bash benchmarks/original_flexgen/run.sh P3 2>&1 | tail -5
+      } > "$OUT/p3s12.txt" 2>&1; show "$OUT/p3s12.txt"; grep -E "^P3|throughput" "$OUT/p3s12.txt" ;;
     cache12)
       # the fused compressed-cache write against the per-segment one it replaced: identical bytes, host time
       { python3 benchmarks/cache_write_bench.py --percents 50 50 0

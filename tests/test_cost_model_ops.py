@@ -392,3 +392,23 @@ def test_weights_unpack_at_the_rate_of_their_grouping():
     prof["gpu"]["dequant_dim1_gelem_s"] = prof["gpu"]["dequant_gelem_s"] / 4
     t0, t1 = (predict(fam, w, p, prof).decode_step_s for p in (dim0, dim1))
     assert t0 == same[0] and t1 > t0
+
+
+def test_decode_reads_packed_weights_at_the_profiled_rate():
+    """With the packed matmul's rate in the profile, a decode step over 4-bit weights grouped along
+    the input dim reads their packed bytes at that rate instead of unpacking them; prefill, more
+    rows than the kernel takes, FlexGen's grouping (dim 0) and a profile without the rate unpack."""
+    fam = _family("facebook/opt-30b")
+    w = Workload(512, 32)
+    prof = copy.deepcopy(DEFAULT_PROFILE)
+    fast = copy.deepcopy(prof)
+    fast["gpu"]["packed_matmul_gib_s"] = 1e6   # reading packed weights costs ~nothing
+    dim1 = CompressionConfig(4, 64, 1, False)
+    p = Policy(16, 1, 100, 0, 100, 0, 100, 0, compress_weight=True, comp_weight_config=dim1)
+    slow_p, fast_p = predict(fam, w, p, prof), predict(fam, w, p, fast)
+    assert fast_p.prefill_s == slow_p.prefill_s
+    assert fast_p.decode_step_s < 0.5 * slow_p.decode_step_s
+    wide = p.replace(gpu_batch_size=128)   # over packed_matmul.MAX_ROWS rows: unpacked
+    assert predict(fam, w, wide, fast).decode_step_s == predict(fam, w, wide, prof).decode_step_s
+    dim0 = p.replace(comp_weight_config=CompressionConfig(4, 64, 0, False))
+    assert predict(fam, w, dim0, fast).decode_step_s == predict(fam, w, dim0, prof).decode_step_s

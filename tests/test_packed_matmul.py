@@ -122,6 +122,14 @@ ENGINE = textwrap.dedent("""
 """)
 
 
+def _triton_version():
+    import triton
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+# Triton 3.6's interpreter (the lent GPU machine's) cannot run a loop with a runtime bound; the
+# compiled kernel runs there, and its GPU tests below cover it
+@pytest.mark.skipif(_triton_version() < (3, 7), reason="Triton's interpreter before 3.7: no runtime loop bounds")
 @pytest.mark.parametrize("script", ["kernel", "engine"])
 def test_under_the_interpreter(script):
     code = KERNEL if script == "kernel" else ENGINE.format(tests=os.path.dirname(__file__))

@@ -482,7 +482,8 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
     w_disk = np.array([100 - sum(w) for w in grid.w_opts])[grid.wi]
     a_disk = np.array([100 - sum(a) for a in grid.a_opts])[grid.ai]
     one_cache = one_cache_1 * gbs
-    work = 2 * stage_max + np.where(c_gpu < 100, 2 * one_cache, 0.0)
+    w_gpu = np.array([w[0] for w in grid.w_opts])[grid.wi]
+    work = np.where(w_gpu == 100, 1, 2) * stage_max + np.where(c_gpu < 100, 2 * one_cache, 0.0)
     work += gbs * P * intermediate_elems(_layers(family), H) * itemsize + gbs * V * 4 * 2
     if is_cuda:   # memory_model.graph_pool_bytes, per packed candidate
         eligible = graph_eligible(grid)
