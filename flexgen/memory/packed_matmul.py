@@ -3,11 +3,12 @@
 A decode step multiplies a few rows of activations (one per sequence of the GPU batch) by every
 weight matrix: it is bound by the bytes of the weights it reads. Unpacked first, a 4-bit matrix
 costs its packed bytes read, four times as many fp16 bytes written, and those read again by the
-matmul: OPT-30B at 4 bits, all on the GPU, spent ~0.1 s per decode step on that (16 x 1, H200,
-benchmarks/RESULTS.md session 12) for 16.6 GB of packed weights that read in ~4 ms. Here the
-matmul reads the packed bytes, its group's scale and minimum, forms each weight exactly as the
-unpacking kernel does (q * scale + min in float32, rounded to the activations' dtype) and feeds
-the tensor cores: the same weights, only the order of the fp32 sums differs from cuBLAS's.
+matmul: OPT-30B at 4 bits, all on the GPU, spent 42 ms of each decode step on that (16 x 1, H200,
+benchmarks/RESULTS.md session 12) for 16.6 GB of packed weights that read in ~4 ms; this kernel
+takes 22 ms (fp16 weights with cuBLAS: 16 ms). Here the matmul reads the packed bytes, its
+group's scale and minimum, forms each weight exactly as the unpacking kernel does (q * scale +
+min in float32, rounded to the activations' dtype) and feeds the tensor cores: the same weights,
+only the order of the fp32 sums differs from cuBLAS's.
 
 The families call F.linear(x, w) as always: the engine hands them a PackedMatrix for each packed
 matrix on the compute device, whose __torch_function__ takes F.linear with few rows here and
@@ -35,8 +36,8 @@ ENV_VAR = "FLEXGEN_PACKED_MATMUL"
 # rows of activations up to which F.linear reads the packed weight (decode: one row per sequence)
 MAX_ROWS = 64
 _STATE = {"checked": False, "ok": False}
-# tile: weight rows, packed bytes per step, num_warps, whether w is the first operand of tl.dot; benchmarks/packed_matmul_bench.py times
-# the alternatives
+# tile: weight rows, packed bytes per step, num_warps, whether w is tl.dot's first operand
+# (benchmarks/packed_matmul_bench.py --tiles times the alternatives)
 _TILE = {"block_n": 64, "block_b": 64, "warps": 4, "w_first": True}
 
 if triton is not None:

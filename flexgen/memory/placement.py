@@ -268,11 +268,6 @@ class Deferred:
         return buf
 
 
-def unpacked(x):
-    """x itself, or its values if it is Deferred."""
-    return x.value() if isinstance(x, Deferred) else x
-
-
 def _shape(st):
     return st.shape
 
