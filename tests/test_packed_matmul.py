@@ -102,20 +102,27 @@ ENGINE = textwrap.dedent("""
         tiny_models.build_checkpoint(name, ckpt)
         prompts = tiny_models.make_prompts(3, 8, kw["vocab_size"], tiny_models.pad_id_of(name), seed=3)
         outs = {{}}
-        for flag, placement in (("0", "all_compute"), ("1", "all_compute"), ("1", "mixed")):
+        # (kernel flag, placement, GPU batches, CUDA-graph flag, whether the kernel runs): an eager
+        # step reads packed weights for one GPU batch; several share one unpacked matrix; the
+        # static (capturable) step reads them packed whatever the number of batches
+        runs = [("0", "all_compute", 1, "1", False), ("1", "all_compute", 1, "1", True), ("1", "mixed", 1, "1", True)]
+        if name == "opt-tiny":
+            runs += [("1", "all_compute", 2, "1", False), ("1", "all_compute", 2, "static", True)]
+        for flag, placement, ngb, graphs, used in runs:
             os.environ[PM.ENV_VAR] = flag
-            policy = tiny_models.make_policy(placement, compress_weight=True,
+            os.environ["FLEXGEN_CUDA_GRAPHS"] = graphs
+            policy = tiny_models.make_policy(placement, num_gpu_batches=ngb, compress_weight=True,
                                              comp_weight_config=CompressionConfig(4, 16, 1, False))
             env = ExecutionEnv.create(os.path.join(root, "offload"), device="cpu")
             lm = lm_class(family)(ckpt, env, os.path.join(root, "cache"), policy, progress=False)
             try:
                 n = len(calls)
-                outs[(flag, placement)] = lm.generate(prompts, max_new_tokens=5)
-                assert (len(calls) > n) == (flag == "1"), (name, flag, placement, len(calls) - n)
+                outs[(flag, placement, ngb, graphs)] = lm.generate(prompts, max_new_tokens=5)
+                assert (len(calls) > n) == used, (name, flag, placement, ngb, graphs, len(calls) - n)
             finally:
                 lm.close()
                 env.close_copy_threads()
-        base = outs[("0", "all_compute")]
+        base = outs[("0", "all_compute", 1, "1")]
         for key, out in outs.items():
             assert np.array_equal(out, base), (name, key)
     print("ok")
@@ -133,7 +140,7 @@ def _triton_version():
 @pytest.mark.parametrize("script", ["kernel", "engine"])
 def test_under_the_interpreter(script):
     code = KERNEL if script == "kernel" else ENGINE.format(tests=os.path.dirname(__file__))
-    env = {k: v for k, v in os.environ.items() if k != "FLEXGEN_PACKED_MATMUL"}
+    env = {k: v for k, v in os.environ.items() if k not in ("FLEXGEN_PACKED_MATMUL", "FLEXGEN_CUDA_GRAPHS")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.stdout[-2000:], r.stderr[-3000:])
 

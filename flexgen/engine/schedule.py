@@ -281,8 +281,11 @@ class BlockRunner:
                     continue
                 if wdicts is None:
                     wdicts = io.result(w_fut) if w_fut.event or w_fut.future else w_fut.value
-                    # packed matrices F.linear can read in place stay packed (decode); the rest unpack
-                    wdicts = [{key: for_compute(w) for key, w in d.items()} for d in wdicts]
+                    # packed matrices F.linear can read in place stay packed (decode) when one GPU
+                    # batch uses them; several unpack once and share the matrix: each packed
+                    # F.linear costs about the GPU time of an unpack plus cuBLAS at 32 rows and
+                    # adds host operations, which an eager step pays per batch
+                    wdicts = [{key: for_compute(w, packed=ngb == 1) for key, w in d.items()} for d in wdicts]
                 loaded = io.result(cfut) if cfut is not None else None
                 h = acts.get(k) if j > 0 or self.layers[stage[0]].kind != "embed" else None
                 h = self._compute(stage, wdicts, h, k, step, caches, loaded, pending_cache, blk.score)

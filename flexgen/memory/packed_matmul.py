@@ -225,9 +225,9 @@ def _trusted(x, w, bias) -> bool:
     return _STATE["ok"]
 
 
-def for_compute(w):
+def for_compute(w, packed: bool = True):
     """What a layer's forward gets for weight w: a PackedMatrix for a packed matrix the kernel can
-    read in place, else the values (unpacked when w is Deferred)."""
-    if isinstance(w, Deferred) and fits(w.packed) and enabled():
+    read in place (unless `packed` is false), else the values (unpacked when w is Deferred)."""
+    if packed and isinstance(w, Deferred) and fits(w.packed) and enabled():
         return PackedMatrix(w)
     return w.value() if isinstance(w, Deferred) else w

@@ -558,10 +558,11 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
                 fz = r["fused"]
                 if not prefill and fz["packed"] and rates.packed_mm:
                     # decode: F.linear reads those matrices packed (memory/packed_matmul.py) at the
-                    # profiled rate instead of unpacking them; up to its row limit
+                    # profiled rate instead of unpacking them; up to its row limit, in a replayed
+                    # step or for one GPU batch (the engine's choice: schedule.py)
                     read_f = (_matmul_read(r, ntok) - fz["read"]) / rates.dev_bw + fz["packed"] / rates.packed_mm
                     dev_f = k * np.maximum(ntok * r["flops"] / flops, read_f) + (r["deq"] - fz["deq"]) / w_dequant
-                    dev = np.where(ntok <= PACKED_MM_ROWS, dev_f, dev)
+                    dev = np.where((ntok <= PACKED_MM_ROWS) & ((k == 1) | graph[m]), dev_f, dev)
                 if r["kind"] == "attention":
                     hidx = ai
                     ai += 1
