@@ -7,6 +7,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from dequant_bench import timed   # this folder: the script's own directory is on sys.path
 from flexgen.memory import packed_matmul as PM
 from flexgen.memory.compression import compress, decompress
 from flexgen.policy import CompressionConfig
@@ -17,18 +18,6 @@ ROWS = (8, 16, 32, 64)
 TILES = [(64, 64, 4, True), (64, 128, 4, True), (64, 128, 4, False), (32, 128, 4, True), (32, 256, 4, True), (64, 256, 4, True),
          (128, 128, 4, True), (128, 64, 4, True), (128, 128, 8, True), (16, 256, 4, True),
          (32, 64, 2, True), (64, 256, 8, False), (64, 64, 8, True), (128, 64, 8, True)]
-
-
-def timed(fn, reps=30):
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / 1e3 / reps
 
 
 def main():
