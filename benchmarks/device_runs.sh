@@ -34,6 +34,7 @@
 #               all on the GPU at 4 bits, 16 x 1 under 24 GiB; the graph tests on the GPU (carry .whl_tests)
 #   matmul16    benchmarks/packed_matmul_bench.py (F.linear over packed weights vs unpack + cuBLAS), its GPU
 #               tests, OPT-30B all on the GPU at 4 bits (P3g: 16 x 1, 24 GiB), graphs / eager, kernel on / off
+#   p12         P1 and P2 ours beside the original (carry .whl_orig)
 #   p3s12       P3g to the end, P3 (--percent auto), the original's P3 (carry .whl_orig)
 #   cache12     benchmarks/cache_write_bench.py (fused compressed-cache write vs per-segment: bytes, host
 #               time) and the compression tests on the GPU
@@ -238,6 +239,12 @@ print('unpack G values/s: dim 0', round(g['dequant_gelem_s']), 'dim 1', round(g[
             > /tmp/benchlogs/mm$run.txt 2>&1
           show /tmp/benchlogs/mm$run.txt | grep -v "host memory held"; grep -i "warn" /tmp/benchlogs/mm$run.txt | head -3
           tail -1 /tmp/benchlogs/mm$run.txt; done; } > "$OUT/matmul16.txt" 2>&1; cat "$OUT/matmul16.txt" ;;
+    p12)
+      # P1 and P2 (weights streamed from the CPU, fp16 and 4-bit) ours beside the original, for issue
+      # 17's "keep >= 95% of the PCIe floor" (carry .whl_orig)
+      { bench P1 P2 --timeout 200
+        ORIG_TIMEOUT=200 bash benchmarks/original_flexgen/run.sh P1 P2 2>&1 | grep -A12 summary
+      } > "$OUT/p12.txt" 2>&1; show "$OUT/p12.txt"; grep -E "^P[12]|throughput" "$OUT/p12.txt" ;;
     p3s12)
       # issue 17's P3 beside the original (carry .whl_orig): ours with the best measured policy (P3g)
       # to the end, ours with --percent auto (which predicts P3g's policy), the original's published
