@@ -141,11 +141,16 @@ def enabled() -> bool:
     return flag != "0" and triton is not None
 
 
-def layout_fits(shape, cfg) -> bool:
-    """Whether the kernel reads a matrix of `shape` packed with `cfg`: 4 bits, groups of a power of
-    two along the input dim (whole groups per step). The cost model asks this too."""
-    return (len(shape) == 2 and cfg.num_bits == 4 and cfg.group_dim % 2 == 1
+def config_fits(cfg) -> bool:
+    """Whether the kernel reads matrices packed with `cfg`: 4 bits, groups of a power of two along
+    the input dim (whole groups per step). The cost and memory models ask this too."""
+    return (cfg.num_bits == 4 and cfg.group_dim % 2 == 1
             and cfg.group_size >= 4 and cfg.group_size & (cfg.group_size - 1) == 0)
+
+
+def layout_fits(shape, cfg) -> bool:
+    """Whether the kernel reads a matrix of `shape` packed with `cfg`."""
+    return len(shape) == 2 and config_fits(cfg)
 
 
 def fits(p) -> bool:

@@ -9,13 +9,12 @@ not grow with the number of layers.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..memory.packed_matmul import MAX_ROWS as PACKED_MM_ROWS, layout_fits
+from ..memory.packed_matmul import MAX_ROWS as PACKED_MM_ROWS, config_fits, layout_fits
 from ..memory.placement import TIERS, assign_by_size, split_counts
 from ..models.base import packs
 from ..policy import Policy
@@ -485,14 +484,10 @@ def evaluate(family, grid: Grid, workload: Workload, profile: dict, is_cuda: boo
     w_gpu = np.array([w[0] for w in grid.w_opts])[grid.wi]
     work = np.where(w_gpu == 100, 1, 2) * stage_max + np.where(c_gpu < 100, 2 * one_cache, 0.0)
     work += gbs * P * intermediate_elems(_layers(family), H) * itemsize + gbs * V * 4 * 2
-    if is_cuda:   # memory_model.graph_pool_bytes, per packed candidate
-        eligible = graph_eligible(grid)
+    if is_cuda:   # memory_model.graph_pool_bytes, per capturable candidate
         base = grid.base or Policy(1, 1, 100, 0, 100, 0, 100, 0)
-        for cw_, cc_ in ((0, 1), (1, 0), (1, 1)):
-            m = eligible & (grid.cw == cw_) & (grid.cc == cc_)
-            if m.any():
-                pol = dataclasses.replace(base, compress_weight=bool(cw_), compress_cache=bool(cc_))
-                work = work + np.where(m, graph_pool_bytes(one_cache, stage_max, pol), 0.0)
+        unpacked_w = (grid.cw == 1) & (not config_fits(base.comp_weight_config))
+        work = work + np.where(graph_eligible(grid), graph_pool_bytes(one_cache, stage_max, grid.cc == 1, unpacked_w), 0.0)
     add(0, work)
     if is_cuda:
         mem["pinned"] += np.where((c_disk > 0) | (w_disk > 0) | (a_disk > 0),

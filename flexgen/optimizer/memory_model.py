@@ -17,6 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from ..memory.packed_matmul import config_fits
 from ..memory.placement import TIERS, assign_by_size, split_counts
 from ..models.base import packs
 from ..policy import Policy, PolicyError
@@ -142,7 +143,8 @@ def estimate_memory(family, policy: Policy, prompt_len: int, gen_len: int, is_cu
     work += gbs * info.vocab_size * 4 * 2
     all_gpu = all(policy.percents(x)[0] == 100 for x in ("weight", "cache", "act"))
     if is_cuda and all_gpu and not policy.cpu_cache_compute:
-        work += graph_pool_bytes(one_cache, max(stage_bytes, default=0), policy)
+        unpacked_weights = policy.compress_weight and not config_fits(policy.comp_weight_config)
+        work += graph_pool_bytes(one_cache, max(stage_bytes, default=0), policy.compress_cache, unpacked_weights)
     add("gpu", work, what="work")
     if is_cuda and (c_pct[2] > 0 or w_pct[2] > 0 or policy.percents("act")[2] > 0):
         est.pinned += 2 * max(max(stage_bytes, default=0), one_cache)  # disk relay buffers
@@ -151,18 +153,15 @@ def estimate_memory(family, policy: Policy, prompt_len: int, gen_len: int, is_cu
     return est
 
 
-def graph_pool_bytes(one_cache, stage_max, policy: Policy):
+def graph_pool_bytes(one_cache, stage_max, compress_cache, unpacked_weights):
     """What the CUDA graphs of a packed decode step (engine/graphs.py, captured by default where
     everything is on the GPU) keep in their private pool across blocks, beside the next block's
     prefill: a packed cache's layer unpacked, K and V, and the copies attention may make of them
     (OPT-30B, 16 x 1, 4 bits: 1.1 GB more at its peak than eagerly, 4 x 250 MB counted here), and
     an unpacked layer where F.linear cannot read the weights packed. Unpacked steps keep a few MiB
-    (graphs.py), not counted. Works on numbers and on arrays of candidates (cost_model)."""
-    from ..memory.packed_matmul import layout_fits
-    pool = 4 * one_cache if policy.compress_cache else 0
-    if policy.compress_weight and not layout_fits((2, 2), policy.comp_weight_config):
-        pool = pool + stage_max
-    return pool
+    (graphs.py), not counted. Works on numbers and on arrays of candidates (cost_model): the two
+    flags are bools or bool arrays."""
+    return 4 * one_cache * compress_cache + stage_max * unpacked_weights
 
 
 def intermediate_elems(layers, hidden: int) -> int:
