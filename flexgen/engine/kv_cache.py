@@ -75,12 +75,18 @@ class LayerCache:
 
     def new_rows(self, k_rows, v_rows) -> "NewRows":
         """The new rows (s, b, kv_heads, d) as the cache stores them. Compressed: K and V quantised
-        together by one call over all heads. Groups run along the head dim, inside one head, so
-        each segment's slice of the result is byte for byte what quantising its heads alone gives
-        (this was four calls per layer and GPU batch, ~15 small kernels each)."""
+        together by one call over all heads (contiguous on the GPU: each by the fused kernel).
+        Groups run along the head dim, inside one head, so each segment's slice of the result is
+        byte for byte what quantising its heads alone gives (this was four calls per layer and GPU
+        batch, ~15 small kernels each)."""
         if not self.compressed:
             return NewRows(k_rows, v_rows)
+        from ..memory import triton_quant
         from ..memory.compression import compress
+        cfg = self.k.config   # groups along the head dim (3)
+        if triton_quant.usable(k_rows, cfg) and triton_quant.usable(v_rows, cfg):
+            # the fused kernel: one launch each and no stacked copy (3% of OPT-30B's prefill)
+            return NewRows(compress(k_rows, cfg).parts(), compress(v_rows, cfg).parts())
         stacked_cfg = dataclasses.replace(self.k.config, group_dim=4)   # the head dim, behind the new K/V dim
         parts = compress(torch.stack([k_rows, v_rows]), stacked_cfg).parts()
         return NewRows([t[0] for t in parts], [t[1] for t in parts])

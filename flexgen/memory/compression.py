@@ -74,8 +74,18 @@ def compress(x: torch.Tensor, cfg: CompressionConfig) -> Packed:
     of the plain sequence (`_compress_reference`): min and max of float16/bfloat16/float32 values
     are exact in any of them, and the stored fp16 scale and minimum are the rounded values the
     quantisation used (a scale clamped to 1e-8 is 0 in fp16 either way)."""
+    from . import triton_quant
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         x = x.float()   # min/max after the cast, as the reference takes them
+    if triton_quant.usable(x, cfg):   # one fused pass on the GPU, the same bytes
+        data, scale, mn = triton_quant.pack(x, cfg, _pack_torch)
+    else:
+        data, scale, mn = _pack_torch(x, cfg)
+    return Packed(data, scale, mn, tuple(x.shape), cfg)
+
+
+def _pack_torch(x: torch.Tensor, cfg: CompressionConfig):
+    """compress()'s (data, scale, min) by PyTorch ops."""
     g = _grouped(x, cfg)
     levels = (1 << cfg.num_bits) - 1
     if cfg.symmetric:
@@ -94,8 +104,7 @@ def compress(x: torch.Tensor, cfg: CompressionConfig) -> Packed:
     if cfg.num_bits == 4:   # low nibble first; q holds whole numbers 0..15, so the sum is exact
         q = q[..., 0::2].add(q[..., 1::2], alpha=16)
     # contiguous: elementwise results keep the layout of a grouped view (groups along dim 0)
-    return Packed(q.to(torch.uint8).contiguous(), s16.contiguous(), None if m16 is None else m16.contiguous(),
-                  tuple(x.shape), cfg)
+    return q.to(torch.uint8).contiguous(), s16.contiguous(), None if m16 is None else m16.contiguous()
 
 
 def _compress_reference(x: torch.Tensor, cfg: CompressionConfig) -> Packed:
