@@ -85,7 +85,8 @@ class LayerCache:
         from ..memory.compression import compress
         cfg = self.k.config   # groups along the head dim (3)
         if triton_quant.usable(k_rows, cfg) and triton_quant.usable(v_rows, cfg):
-            # the fused kernel: one launch each and no stacked copy (3% of OPT-30B's prefill)
+            # the fused kernel, one launch each: no stacked copy (OPT's K and V, views of its fused
+            # QKV output, are stacked: 28 ms of OPT-30B's 0.81 s prefill of 16 x 512 tokens)
             return NewRows(compress(k_rows, cfg).parts(), compress(v_rows, cfg).parts())
         stacked_cfg = dataclasses.replace(self.k.config, group_dim=4)   # the head dim, behind the new K/V dim
         parts = compress(torch.stack([k_rows, v_rows]), stacked_cfg).parts()

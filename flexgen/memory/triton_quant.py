@@ -1,17 +1,16 @@
 """Fused packing (quantisation) of groups along the last dim on the GPU (Triton): one pass reads
 each group, takes its min and max, and writes its packed bytes, fp16 scale and minimum.
 
-compression.compress() takes it for a tensor grouped along its last dim without padding whose
-rows are contiguous (the KV cache's new rows, K and V: views of a fused QKV projection): its
-PyTorch sequence is ~10 full passes (aminmax, sub, div, round, clamp, pairing, cast, copies), 0.15 s of OPT-30B's 0.9 s prefill of
-16 x 512 tokens on the H200 (benchmarks/RESULTS.md, session 13). The bytes are those of the
-PyTorch path: min and max are exact, the divisions are IEEE (div_rn), rounding is half to even
-as torch.round. The kernel is checked against the PyTorch path once per process (input
-dtype and bits) before it is trusted; a mismatch falls back, with a warning.
+compression.compress() takes it for a contiguous tensor grouped along its last dim without
+padding (the KV cache's new rows: K and V stacked, or each when contiguous): its PyTorch sequence
+is ~10 full passes (aminmax, sub, div, round, clamp, pairing, cast, copies), 0.15 s of OPT-30B's
+0.9 s prefill of 16 x 512 tokens on the H200 (benchmarks/RESULTS.md, session 13). The bytes are
+those of the PyTorch path: min and max are exact, the divisions are IEEE (div_rn), rounding is
+half to even as torch.round. The kernel is checked against the PyTorch path once per process
+(input dtype and bits) before it is trusted; a mismatch falls back, with a warning.
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
@@ -28,16 +27,14 @@ _BLOCK_BYTES = 4096   # input bytes a program reads: whole groups
 
 if triton is not None:
     @triton.jit
-    def _pack_rows_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, n_groups, row_groups, row_stride, GS: tl.constexpr,
-                          BITS: tl.constexpr, BLOCK_G: tl.constexpr):
-        # x: rows of row_groups whole groups, row_stride values apart (K or V: a view of a fused
-        # QKV projection's output); the packed parts are written contiguous
+    def _pack_rows_kernel(x_ptr, data_ptr, scale_ptr, min_ptr, n_groups, GS: tl.constexpr, BITS: tl.constexpr,
+                          BLOCK_G: tl.constexpr):
+        # x: n_groups groups of GS values back to back
         levels: tl.constexpr = (1 << BITS) - 1
         g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
         gmask = g < n_groups
         j = tl.arange(0, GS)
-        start = (g // row_groups).to(tl.int64) * row_stride + (g % row_groups) * GS
-        x = tl.load(x_ptr + start[:, None] + j[None, :], mask=gmask[:, None], other=0.0)
+        x = tl.load(x_ptr + g[:, None] * GS + j[None, :], mask=gmask[:, None], other=0.0)
         lo = tl.min(x, axis=1)
         hi = tl.max(x, axis=1)
         m16 = lo.to(tl.float16)
@@ -59,39 +56,27 @@ if triton is not None:
         tl.store(min_ptr + g, m16, mask=gmask)
 
 
-def _rows(x: torch.Tensor):
-    """x as a matrix view (rows, n) whose rows are contiguous, the widest there is; None if none."""
-    for k in range(1, x.dim()):
-        try:
-            m = x.view(-1, math.prod(x.shape[k:]))
-        except RuntimeError:
-            continue
-        if m.stride(1) == 1:
-            return m
-    return x.view(1, -1) if x.dim() == 1 and x.stride(0) == 1 else None
-
-
 def usable(x: torch.Tensor, cfg) -> bool:
-    """A float tensor grouped along its last dim without padding, rows of whole groups contiguous,
-    asymmetric 4 or 8 bits, power-of-two groups, on the GPU (or under Triton's interpreter)."""
+    """A contiguous float tensor grouped along its last dim without padding, asymmetric 4 or 8 bits,
+    power-of-two groups, on the GPU (or under Triton's interpreter)."""
     gs = cfg.group_size
     return (triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
             and x.dim() >= 1 and cfg.group_dim % x.dim() == x.dim() - 1 and not cfg.symmetric
             and cfg.num_bits in (4, 8) and gs & (gs - 1) == 0 and x.shape[-1] % gs == 0 and x.numel() > 0
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and _rows(x) is not None)
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_contiguous()
+            and x.numel() < 2 ** 31)   # the kernel's offsets are 32-bit
 
 
 def _launch(x: torch.Tensor, cfg):
     gs, bits = cfg.group_size, cfg.num_bits
-    m = _rows(x)
     lead = tuple(x.shape[:-1]) + (x.shape[-1] // gs,)
     n_groups = x.numel() // gs
     data = torch.empty(lead + (gs * bits // 8,), dtype=torch.uint8, device=x.device)
     scale = torch.empty(lead + (1,), dtype=torch.float16, device=x.device)
     mn = torch.empty(lead + (1,), dtype=torch.float16, device=x.device)
     block_g = max(1, _BLOCK_BYTES // (gs * x.element_size()))
-    _pack_rows_kernel[(triton.cdiv(n_groups, block_g),)](m, data, scale, mn, n_groups, m.shape[1] // gs, m.stride(0),
-                                                        GS=gs, BITS=bits, BLOCK_G=block_g)
+    _pack_rows_kernel[(triton.cdiv(n_groups, block_g),)](x, data, scale, mn, n_groups, GS=gs, BITS=bits,
+                                                        BLOCK_G=block_g)
     return data, scale, mn
 
 
