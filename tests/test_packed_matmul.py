@@ -2,12 +2,11 @@
 CPU interpreter against unpack + F.linear, the families' other uses of a packed matrix, the
 fallback when the kernel is wrong, and whole generations through the engine with it and without."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
+from interpreted import run_interpreted
 import torch
 
 import tiny_models
@@ -140,9 +139,7 @@ def _triton_version():
 @pytest.mark.parametrize("script", ["kernel", "engine"])
 def test_under_the_interpreter(script):
     code = KERNEL if script == "kernel" else ENGINE.format(tests=os.path.dirname(__file__))
-    env = {k: v for k, v in os.environ.items() if k not in ("FLEXGEN_PACKED_MATMUL", "FLEXGEN_CUDA_GRAPHS")}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.stdout[-2000:], r.stderr[-3000:])
+    run_interpreted(code, timeout=900, drop_env=("FLEXGEN_PACKED_MATMUL", "FLEXGEN_CUDA_GRAPHS"))
 
 
 @pytest.mark.gpu

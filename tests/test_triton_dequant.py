@@ -1,10 +1,8 @@
 """The fused Triton unpacking kernel, run by Triton's CPU interpreter, against the PyTorch path."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from interpreted import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -50,9 +48,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_kernel_equals_reference_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
-    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+    run_interpreted(SCRIPT)
 
 
 @pytest.mark.gpu

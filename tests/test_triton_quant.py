@@ -1,11 +1,9 @@
 """The fused Triton packing kernel (flexgen/memory/triton_quant.py): byte for byte the PyTorch path and
 the plain reference sequence, under Triton's CPU interpreter and compiled on the GPU."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from interpreted import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -58,9 +56,7 @@ SCRIPT = CASES + textwrap.dedent("""
 
 
 def test_kernel_bytes_equal_reference_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
-    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+    run_interpreted(SCRIPT)
 
 
 @pytest.mark.gpu
