@@ -1,7 +1,8 @@
 """P3's prefill against its compute floor (issue 17 item 2): cuBLAS on one OPT layer's matmul shapes at
 the prefill's token count, then one prefill of the dummy model with its kernels by GPU time.
-Usage: PYTHONPATH=. python3 benchmarks/prefill_floor.py [--model facebook/opt-30b] [--gbs 16] [--ngb 1]
-[--percent 100 0 100 0 100 0] [--compress-weight] [--compress-cache] [--rows 25]"""
+Usage: PYTHONPATH=. python3 benchmarks/prefill_floor.py [flex_opt's flags: --model, --percent,
+--gpu-batch-size, --num-gpu-batches, --prompt-len, --compress-weight, --compress-cache ...] [--rows 25]
+(default: P3g's policy, OPT-30B, 100 0 100 0 100 0, 16 x 1)"""
 import argparse
 import tempfile
 import time
@@ -9,33 +10,20 @@ import time
 import numpy as np
 import torch
 
-from flexgen.cli import DEFAULT_CACHE_GROUP, DEFAULT_WEIGHT_GROUPING, lm_class_for
-from flexgen.flex_opt import ExecutionEnv, Policy
+from dequant_bench import timed   # this folder: the script's own directory is on sys.path
+from flexgen.cli import add_arguments, env_from_args, lm_class_for, policy_from_args
 from flexgen.models.opt import get_opt_config
-from flexgen.policy import CompressionConfig
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--model", default="facebook/opt-30b")
-ap.add_argument("--gbs", type=int, default=16)
-ap.add_argument("--ngb", type=int, default=1)
-ap.add_argument("--prompt-len", type=int, default=512)
-ap.add_argument("--percent", type=float, nargs=6, default=[100, 0, 100, 0, 100, 0])
-ap.add_argument("--compress-weight", action="store_true")
-ap.add_argument("--compress-cache", action="store_true")
-ap.add_argument("--rows", type=int, default=25)
+add_arguments(ap, "facebook/opt-30b", "_DUMMY_")
+ap.set_defaults(gpu_batch_size=16, num_gpu_batches=1, offload_dir=None)
+ap.add_argument("--rows", type=int, default=25, help="rows of the kernel table")
 a = ap.parse_args()
+policy = policy_from_args(a)   # the policy a flex_opt run of these flags builds
 cfg = get_opt_config(a.model.split("/")[-1])  # OPT only: the layer's six matmuls below are OPT's
 h, f, L = cfg.hidden_size, cfg.ffn_embed_dim, cfg.num_hidden_layers
-tokens = a.gbs * a.ngb * a.prompt_len
-
-
-def timed(fn, reps=10):
-    fn(); torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps
+seqs = policy.gpu_batch_size * policy.num_gpu_batches
+tokens = seqs * a.prompt_len
 
 
 # the floor: the layer's matmuls (q, k, v, out, fc1, fc2) at the prefill's tokens, cuBLAS fp16
@@ -50,19 +38,16 @@ for name, inp, w, n in shapes:
     fl = 2.0 * tokens * w.shape[0] * w.shape[1] * n
     layer_s += s; layer_flop += fl
     print(f"{name:5s} {tokens} x {w.shape[1]} x {w.shape[0]} (x{n}): {s * 1e3:.2f} ms, {fl / s / 1e12:.0f} TFLOP/s")
-attn_flop = 2 * 2 * a.prompt_len ** 2 * h * a.gbs * a.ngb / 2  # causal: half of QK^T and AV
+attn_flop = 2 * 2 * a.prompt_len ** 2 * h * seqs / 2  # causal: half of QK^T and AV
 print(f"floor: {L} layers x {layer_s * 1e3:.2f} ms = {L * layer_s:.3f} s of matmuls "
       f"({L * layer_flop / 1e15:.3f} PFLOP at {layer_flop / layer_s / 1e12:.0f} TFLOP/s), attention "
       f"{L * attn_flop / 1e15:.3f} PFLOP causal")
 del x, y, shapes
 torch.cuda.empty_cache()
 
-grouping = dict(comp_weight_config=CompressionConfig(4, DEFAULT_WEIGHT_GROUPING[0], DEFAULT_WEIGHT_GROUPING[1], False),
-                comp_cache_config=CompressionConfig(4, DEFAULT_CACHE_GROUP, 2, False))
-policy = Policy(a.gbs, a.ngb, *a.percent, overlap=True, compress_weight=a.compress_weight,
-                compress_cache=a.compress_cache, **grouping)
-lm = lm_class_for(a.model)(a.model, ExecutionEnv.create(tempfile.mkdtemp()), "_DUMMY_", policy, progress=False)
-ids = np.random.default_rng(0).integers(100, 1000, size=(a.gbs * a.ngb, a.prompt_len))
+a.offload_dir = a.offload_dir or tempfile.mkdtemp()
+lm = lm_class_for(a.model)(a.model, env_from_args(a), a.path, policy, progress=False)
+ids = np.random.default_rng(0).integers(100, 1000, size=(seqs, a.prompt_len))
 lm.generate(ids, max_new_tokens=1)
 for _ in range(2):
     torch.cuda.synchronize(); t = time.perf_counter()

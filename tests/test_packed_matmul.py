@@ -6,11 +6,11 @@ import textwrap
 
 import numpy as np
 import pytest
-from interpreted import run_interpreted
 import torch
 
 import tiny_models
 from conftest import DEVICE_TYPE
+from interpreted import run_interpreted
 from flexgen.policy import CompressionConfig
 
 pytest.importorskip("triton")
